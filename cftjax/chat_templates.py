@@ -1,0 +1,112 @@
+"""Chat templates: a conversation -> token ids + a loss mask on the assistant's reply.
+
+A template renders the conversation as text pieces, each marked target or not. Pieces
+are tokenized one by one and concatenated, so the mask lands exactly on the assistant
+content and its end token. Piece boundaries sit next to special tokens or newlines, where
+the tokenizers of these families split anyway, so the ids equal tokenizing the whole text
+(tests check this against transformers' `apply_chat_template`).
+"""
+
+import dataclasses
+from typing import Protocol, Sequence
+
+QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+TEMPLATES = ("plain", "qwen", "llama3")
+
+
+class TextTokenizer(Protocol):
+  bos_id: int | None
+  eos_id: int
+
+  def encode(self, text: str) -> list[int]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Turn:
+  role: str  # system | user | assistant
+  content: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+  """Context turns (system / earlier user-assistant turns / the query) and the target reply."""
+
+  context: tuple[Turn, ...]
+  reply: str
+
+
+def _plain(conv: Conversation, tokenizer: TextTokenizer) -> tuple[list[tuple[str, bool]], bool]:
+  # "system\n\nuser\n" + reply + EOS. No special tokens: works with any tokenizer.
+  pieces = ["\n\n".join(t.content for t in conv.context if t.content) + "\n"]
+  return [(pieces[0], False), (conv.reply, True)], True
+
+
+def _qwen(conv: Conversation, tokenizer: TextTokenizer, default_system: str | None):
+  context = list(conv.context)
+  if not context or context[0].role != "system":
+    system = QWEN_DEFAULT_SYSTEM if default_system is None else default_system
+    context.insert(0, Turn("system", system))
+  elif not context[0].content and default_system is not None:
+    context[0] = Turn("system", default_system)
+  pieces = [(f"<|im_start|>{t.role}\n{t.content}<|im_end|>\n", False) for t in context]
+  pieces.append(("<|im_start|>assistant\n", False))
+  pieces.append((conv.reply + "<|im_end|>", True))
+  pieces.append(("\n", False))
+  return pieces, False
+
+
+def _llama3(conv: Conversation, tokenizer: TextTokenizer, default_system: str | None):
+  context = list(conv.context)
+  if context and context[0].role == "system" and not context[0].content:
+    context = context[1:] if default_system is None else [Turn("system", default_system)] + context[1:]
+  elif (not context or context[0].role != "system") and default_system:
+    context.insert(0, Turn("system", default_system))
+  pieces = [("<|begin_of_text|>", False)]
+  for t in context:
+    pieces.append((f"<|start_header_id|>{t.role}<|end_header_id|>\n\n{t.content.strip()}<|eot_id|>", False))
+  pieces.append(("<|start_header_id|>assistant<|end_header_id|>\n\n", False))
+  pieces.append((conv.reply.strip() + "<|eot_id|>", True))
+  return pieces, False
+
+
+def render(
+    conv: Conversation, template: str, tokenizer: TextTokenizer, default_system: str | None = None
+) -> tuple[list[tuple[str, bool]], bool]:
+  """Returns ([(text, is_target)], append_eos). append_eos: the template ends with EOS id."""
+  if template == "plain":
+    return _plain(conv, tokenizer)
+  if template == "qwen":
+    return _qwen(conv, tokenizer, default_system)
+  if template == "llama3":
+    return _llama3(conv, tokenizer, default_system)
+  raise ValueError(f"config key data.chat_template={template!r} is not one of {TEMPLATES}")
+
+
+def encode(
+    conv: Conversation, template: str, tokenizer: TextTokenizer, default_system: str | None = None
+) -> tuple[list[int], list[int]]:
+  """Token ids and a 0/1 loss mask that is 1 exactly on the reply (and its end token)."""
+  pieces, append_eos = render(conv, template, tokenizer, default_system)
+  ids: list[int] = []
+  mask: list[int] = []
+  if template == "plain" and tokenizer.bos_id is not None:
+    ids.append(tokenizer.bos_id)
+    mask.append(0)
+  for text, is_target in pieces:
+    piece_ids = tokenizer.encode(text) if text else []
+    ids.extend(piece_ids)
+    mask.extend([int(is_target)] * len(piece_ids))
+  if append_eos:
+    ids.append(tokenizer.eos_id)
+    mask.append(1)
+  return ids, mask
+
+
+def prompt_ids(
+    context: Sequence[Turn], template: str, tokenizer: TextTokenizer, default_system: str | None = None
+) -> list[int]:
+  """Ids of the context up to where the reply starts: the generation prompt."""
+  ids, mask = encode(Conversation(tuple(context), ""), template, tokenizer, default_system)
+  # The reply is empty, so the first target position is where generation starts.
+  first_target = mask.index(1) if 1 in mask else len(ids)
+  return ids[:first_target]

@@ -1,0 +1,569 @@
+"""The embedded demo task: multi-step integer arithmetic with noisy solutions and critiques.
+
+Everything is generated offline and deterministically from `DemoConfig.seed`, so the demo
+runs anywhere (laptop CPU, no network) and every run sees the same data.
+
+A problem is a start value and 3-5 operations (+, -, *) on small integers; every value,
+right or wrong, stays in [0, 1000) so numbers tokenize in at most three digits.
+
+  query:    "Start with 17. Add 5, then multiply by 3, then subtract 8. What is the result?"
+  solution: "Step 1: 17 + 5 = 22\\nStep 2: 22 * 3 = 66\\nStep 3: 66 - 8 = 58\\nThe answer is 58."
+
+A CFT record critiques a noisy response: with probability `error_fraction` the response holds
+exactly one injected error (a wrong result, or a wrong operand) and later steps carry the
+wrong value forward with correct arithmetic, so its final answer is wrong. The critique
+checks each step up to the first wrong one, gives that step's correct value, states the
+correct final answer and ends with "Conclusion: right" / "Conclusion: wrong". Like the
+teacher critiques in the CFT paper, a fixed share (`flawed_critique_fraction`) of critiques
+reach the wrong verdict; those records carry "critique_flawed": "1".
+
+Splits never share a problem: each problem's canonical form is hashed into a fixed bucket
+(90% train, 5% validation, 5% test), so a split's contents do not depend on the other
+splits' sizes, and growing `num_train` leaves validation and test unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import random
+import re
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+from cftjax.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+
+SPLITS = ("train", "validation", "test")
+# Percent buckets [low, high) of the hashed problem space owned by each split.
+_SPLIT_BUCKET_BOUNDS = {"train": (0, 90), "validation": (90, 95), "test": (95, 100)}
+MAX_VALUE = 1000  # every value in a query, response or critique stays below this
+_START_RANGE = (2, 60)
+_MAX_ADD_OPERAND = 30
+_MAX_MULTIPLIER = 9
+_ERROR_KINDS = ("arithmetic", "operand")
+_ARITHMETIC_SLIPS = (-10, -3, -2, -1, 1, 2, 3, 10)
+_OPERAND_SLIPS = (-2, -1, 1, 2)
+_PHRASES = {"+": "add", "-": "subtract", "*": "multiply by"}
+_OPS_BY_PHRASE = {phrase: op for op, phrase in _PHRASES.items()}
+# Bump when the generated text or file layout changes, so old caches are not reused.
+DATA_FORMAT_VERSION = 1
+# The CFT paper's instruction; fed to tokenizer training so the prompt tokenizes compactly.
+CFT_PAPER_INSTRUCTION = "Please critique whether the following solution to the question is correct."
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """What the demo data is a function of. Equal configs give byte-identical files."""
+
+    seed: int = 0
+    num_train: int = 4000
+    num_validation: int = 200
+    num_test: int = 200
+    min_steps: int = 3
+    max_steps: int = 5
+    error_fraction: float = 0.5
+    flawed_critique_fraction: float = 0.2
+    vocab_size: int = 512  # upper bound for the demo SentencePiece model
+
+    def __post_init__(self) -> None:
+        for name in ("num_train", "num_validation", "num_test"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"DemoConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ValueError(
+                f"DemoConfig needs 1 <= min_steps <= max_steps, got min_steps={self.min_steps}, "
+                f"max_steps={self.max_steps}"
+            )
+        for name in ("error_fraction", "flawed_critique_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"DemoConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.vocab_size < 300:
+            raise ValueError(
+                f"DemoConfig.vocab_size must be >= 300 (256 byte-fallback pieces plus specials), "
+                f"got {self.vocab_size}"
+            )
+
+    def split_size(self, split: str) -> int:
+        _check_split(split)
+        return getattr(self, f"num_{split}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    start: int
+    operations: tuple[tuple[str, int], ...]  # (op, operand) with op in "+", "-", "*"
+
+    def canonical(self) -> str:
+        """A unique text form, used to dedupe problems and to assign them to splits."""
+        return " ".join([str(self.start), *(f"{op}{operand}" for op, operand in self.operations)])
+
+    @functools.cached_property
+    def values(self) -> tuple[int, ...]:
+        """The start value followed by the correct value after each step."""
+        values = [self.start]
+        for op, operand in self.operations:
+            values.append(_apply(op, values[-1], operand))
+        return tuple(values)
+
+    @functools.cached_property
+    def solution(self) -> tuple[Step, ...]:
+        """The correct solution, one `Step` per operation."""
+        values = self.values
+        return tuple(Step(values[i], op, operand, values[i + 1]) for i, (op, operand) in enumerate(self.operations))
+
+    @property
+    def answer(self) -> int:
+        return self.values[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One written solution line: `left op operand = result` (right or wrong)."""
+
+    left: int
+    op: str
+    operand: int
+    result: int
+
+    def equation(self) -> str:
+        return f"{self.left} {self.op} {self.operand} = {self.result}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoData:
+    """Where `prepare_demo_data` put the demo files, and whether this call built them."""
+
+    directory: Path
+    config: DemoConfig
+    tokenizer_path: Path
+    cft_paths: Mapping[str, Path]  # split -> JSONL of CFT records
+    sft_paths: Mapping[str, Path]  # split -> JSONL of SFT records for the same problems
+    built: bool  # False when an existing cache was reused
+
+    def records(self, split: str, objective: str = "cft") -> list[dict[str, str]]:
+        _check_split(split)
+        paths = {"cft": self.cft_paths, "sft": self.sft_paths}
+        if objective not in paths:
+            raise ValueError(f"objective must be 'cft' or 'sft', got {objective!r}")
+        return read_jsonl(paths[objective][split])
+
+    def tokenizer(self) -> SentencePieceTokenizer:
+        return SentencePieceTokenizer(self.tokenizer_path)
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+
+def _apply(op: str, left: int, operand: int) -> int:
+    if op == "+":
+        return left + operand
+    if op == "-":
+        return left - operand
+    if op == "*":
+        return left * operand
+    raise ValueError(f"unknown operation {op!r}")
+
+
+def _in_range(value: int) -> bool:
+    return 0 <= value < MAX_VALUE
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems, solutions and noisy responses
+
+
+def _uniform_int(rng: random.Random, low: int, high: int) -> int:
+    """An int in [low, high]; `rng.random()` is several times faster than `randint`."""
+    return low + int(rng.random() * (high - low + 1))
+
+
+def _sample_problem(rng: random.Random, min_steps: int, max_steps: int) -> Problem:
+    value = _uniform_int(rng, *_START_RANGE)
+    start = value
+    operations = []
+    for _ in range(_uniform_int(rng, min_steps, max_steps)):
+        feasible = "+" if value + 1 < MAX_VALUE else ""
+        if value >= 1:
+            feasible += "-*" if value * 2 < MAX_VALUE else "-"
+        op = feasible[int(rng.random() * len(feasible))]
+        if op == "+":
+            operand = _uniform_int(rng, 1, min(_MAX_ADD_OPERAND, MAX_VALUE - 1 - value))
+        elif op == "-":
+            operand = _uniform_int(rng, 1, min(_MAX_ADD_OPERAND, value))
+        else:
+            operand = _uniform_int(rng, 2, min(_MAX_MULTIPLIER, (MAX_VALUE - 1) // value))
+        operations.append((op, operand))
+        value = _apply(op, value, operand)
+    return Problem(start, tuple(operations))
+
+
+def _split_of(canonical: str) -> str:
+    digest = hashlib.blake2b(canonical.encode("ascii"), digest_size=8).digest()
+    bucket = int.from_bytes(digest, "big") % 100
+    return next(split for split, (low, high) in _SPLIT_BUCKET_BOUNDS.items() if low <= bucket < high)
+
+
+def query_text(problem: Problem) -> str:
+    phrases = ", then ".join(f"{_PHRASES[op]} {operand}" for op, operand in problem.operations)
+    return f"Start with {problem.start}. {phrases[0].upper()}{phrases[1:]}. What is the result?"
+
+
+_QUERY_RE = re.compile(r"Start with (\d+)\. (.+)\. What is the result\?")
+_OPERATION_RE = re.compile(r"(add|subtract|multiply by) (\d+)")
+
+
+def parse_query(query: str) -> Problem:
+    """Inverse of `query_text`; raises ValueError naming the query if it is not a demo query."""
+    match = _QUERY_RE.fullmatch(query)
+    if match is None:
+        raise ValueError(f"not a demo arithmetic query: {query!r}")
+    operations = []
+    for phrase in match.group(2).split(", then "):
+        op_match = _OPERATION_RE.fullmatch(phrase[:1].lower() + phrase[1:])
+        if op_match is None:
+            raise ValueError(f"unknown operation {phrase!r} in demo query {query!r}")
+        operations.append((_OPS_BY_PHRASE[op_match.group(1)], int(op_match.group(2))))
+    return Problem(int(match.group(1)), tuple(operations))
+
+
+def response_text(steps: Sequence[Step]) -> str:
+    lines = [f"Step {i}: {step.equation()}" for i, step in enumerate(steps, start=1)]
+    lines.append(f"The answer is {steps[-1].result}.")
+    return "\n".join(lines)
+
+
+def _propagate(problem: Problem, steps: list[Step], from_index: int) -> list[Step] | None:
+    """Recompute steps after `from_index` from the (wrong) value there; None if out of range."""
+    for index in range(from_index + 1, len(problem.operations)):
+        op, operand = problem.operations[index]
+        left = steps[index - 1].result
+        result = _apply(op, left, operand)
+        if not _in_range(result):
+            return None
+        steps[index] = Step(left, op, operand, result)
+    return steps
+
+
+def _inject_error(rng: random.Random, problem: Problem, max_tries: int = 50) -> tuple[list[Step], int] | None:
+    """The solution with one error at a random step, or None if no valid one was found.
+
+    Returns (steps, error index). The error always changes the final answer and keeps every
+    value in [0, MAX_VALUE).
+    """
+    correct = list(problem.solution)
+    for _ in range(max_tries):
+        index = rng.randrange(len(correct))
+        step = correct[index]
+        if rng.choice(_ERROR_KINDS) == "arithmetic":
+            wrong = dataclasses.replace(step, result=step.result + rng.choice(_ARITHMETIC_SLIPS))
+        else:
+            operand = step.operand + rng.choice(_OPERAND_SLIPS)
+            if operand < (2 if step.op == "*" else 1):
+                continue
+            wrong = dataclasses.replace(step, operand=operand, result=_apply(step.op, step.left, operand))
+        if not _in_range(wrong.result):
+            continue
+        steps = list(correct)
+        steps[index] = wrong
+        propagated = _propagate(problem, steps, index)
+        if propagated is not None and propagated[-1].result != problem.answer:
+            return propagated, index
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Critiques
+
+
+def _first_wrong_step(problem: Problem, steps: Sequence[Step]) -> int | None:
+    """Index of the first step that differs from the correct solution, or None."""
+    for index, (step, correct) in enumerate(zip(steps, problem.solution)):
+        if step != correct:
+            return index
+    return None
+
+
+def _correction(problem: Problem, step: Step, index: int) -> str:
+    """Why a wrong step is wrong and its correct value (its left side is correct)."""
+    op, operand = problem.operations[index]
+    correct = _apply(op, step.left, operand)
+    if step.operand != operand:
+        return f"the question says {_PHRASES[op]} {operand}, so {step.left} {op} {operand} = {correct}"
+    return f"{step.left} {op} {operand} = {correct}"
+
+
+def _critique_lines(steps: Sequence[Step], wrong_index: int | None, correction: str) -> list[str]:
+    lines = []
+    for index, step in enumerate(steps):
+        number = index + 1
+        if wrong_index is None or index < wrong_index:
+            lines.append(f"Step {number}: {step.equation()} is correct.")
+        else:
+            lines.append(f"Step {number}: {step.equation()} is wrong; {correction}.")
+            if number < len(steps):
+                lines.append(f"Steps after step {number} build on the wrong value.")
+            break
+    return lines
+
+
+def critique_text(problem: Problem, steps: Sequence[Step]) -> str:
+    """A faithful critique: checks steps up to the first wrong one, gives the right answer."""
+    wrong_index = _first_wrong_step(problem, steps)
+    correction = "" if wrong_index is None else _correction(problem, steps[wrong_index], wrong_index)
+    lines = _critique_lines(steps, wrong_index, correction)
+    lines.append(f"The correct final answer is {problem.answer}.")
+    lines.append(f"Conclusion: {'right' if wrong_index is None else 'wrong'}")
+    return "\n".join(lines)
+
+
+def flawed_critique_text(rng: random.Random, problem: Problem, steps: Sequence[Step]) -> str:
+    """A critique whose verdict is wrong, with step checks consistent with that verdict.
+
+    A wrong response is waved through (every step "is correct", its answer accepted); a right
+    response gets one correct step flagged with a made-up value, and the final answer that
+    value would lead to is stated as the correct one.
+    """
+    if _first_wrong_step(problem, steps) is not None:
+        lines = _critique_lines(steps, None, "")
+        lines.append(f"The correct final answer is {steps[-1].result}.")
+        lines.append("Conclusion: right")
+        return "\n".join(lines)
+    # A made-up value for one step, chosen so the final answer it leads to stays in range.
+    candidates = [(index, slip) for index in range(len(steps)) for slip in _ARITHMETIC_SLIPS]
+    rng.shuffle(candidates)
+    for index, slip in candidates:
+        step = steps[index]
+        claimed = step.result + slip
+        claimed_final = claimed
+        for op, operand in problem.operations[index + 1 :]:
+            claimed_final = _apply(op, claimed_final, operand)
+        if _in_range(claimed) and _in_range(claimed_final):
+            break
+    else:  # unreachable for demo problems; say so loudly rather than emit odd values
+        raise RuntimeError(f"demo data: no in-range flawed critique for {problem.canonical()!r}")
+    lines = _critique_lines(steps, index, f"{step.left} {step.op} {step.operand} = {claimed}")
+    lines.append(f"The correct final answer is {claimed_final}.")
+    lines.append("Conclusion: wrong")
+    return "\n".join(lines)
+
+
+_CONCLUSION_RE = re.compile(r"Conclusion:\s*\**\s*(right|wrong)\b", re.IGNORECASE)
+_FINAL_ANSWER_RE = re.compile(r"The (?:correct )?(?:final )?answer is\s*(-?\d+)", re.IGNORECASE)
+
+
+def parse_conclusion(critique: str) -> str | None:
+    """"right"/"wrong" from the last "Conclusion: ..." in `critique`, or None if there is none."""
+    matches = _CONCLUSION_RE.findall(critique)
+    return matches[-1].lower() if matches else None
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The integer in the last "The answer is N" / "The correct final answer is N", or None."""
+    matches = _FINAL_ANSWER_RE.findall(text)
+    return matches[-1] if matches else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits and records
+
+
+def _split_problems(config: DemoConfig, splits: Sequence[str]) -> dict[str, list[Problem]]:
+    """Unique problems for each of `splits`, drawn from one stream shared by all splits.
+
+    A problem goes to the split its hash bucket names, so the first n problems of a split
+    are the same whatever the sizes of the other splits.
+    """
+    wanted = {split: config.split_size(split) for split in splits}
+    problems: dict[str, list[Problem]] = {split: [] for split in splits}
+    rng = random.Random(f"cftjax-demo:{config.seed}:problems")  # str seeds are hashed stably
+    max_draws = 1000 + 100 * sum(wanted.values())
+    missing = sum(wanted.values())
+    seen: set[str] = set()
+    for _ in range(max_draws):
+        if missing == 0:
+            return problems
+        problem = _sample_problem(rng, config.min_steps, config.max_steps)
+        key = problem.canonical()
+        split = _split_of(key)
+        if split not in problems or len(problems[split]) >= wanted[split] or key in seen:
+            continue
+        seen.add(key)
+        problems[split].append(problem)
+        missing -= 1
+    if missing == 0:
+        return problems
+    counts = ", ".join(f"{split} {len(problems[split])}/{wanted[split]}" for split in splits)
+    raise ValueError(
+        f"demo data: found too few unique problems in {max_draws} draws ({counts}) with "
+        f"min_steps={config.min_steps}, max_steps={config.max_steps}; ask for fewer"
+    )
+
+
+def _split_records(config: DemoConfig, split: str, problems: Sequence[Problem]) -> list[dict[str, str]]:
+    noise_rng = random.Random(f"cftjax-demo:{config.seed}:{split}:noise")
+    critique_rng = random.Random(f"cftjax-demo:{config.seed}:{split}:critiques")
+    num_flawed = round(config.flawed_critique_fraction * len(problems))
+    order = list(range(len(problems)))
+    critique_rng.shuffle(order)
+    flawed = set(order[:num_flawed])
+    records = []
+    for index, problem in enumerate(problems):
+        steps: Sequence[Step] = problem.solution
+        is_right = noise_rng.random() >= config.error_fraction
+        if not is_right:
+            noisy = _inject_error(noise_rng, problem)
+            if noisy is None:  # never seen in 100k problems; fail loudly rather than skew labels
+                raise RuntimeError(f"demo data: could not inject an error into {problem.canonical()!r}")
+            steps = noisy[0]  # its final answer differs from the true one, so the label is "wrong"
+        is_flawed = index in flawed
+        critique = (
+            flawed_critique_text(critique_rng, problem, steps) if is_flawed else critique_text(problem, steps)
+        )
+        records.append({
+            "objective": "cft",
+            "query": query_text(problem),
+            "response": response_text(steps),
+            "critique": critique,
+            "system": "",
+            "history": "[]",
+            "answer": str(problem.answer),
+            "label": "right" if is_right else "wrong",
+            "critique_flawed": "1" if is_flawed else "0",
+        })
+    return records
+
+
+def generate_splits(config: DemoConfig, splits: Sequence[str] = SPLITS) -> dict[str, list[dict[str, str]]]:
+    """CFT records (canonical schema plus "critique_flawed": "1"/"0") of several splits at once."""
+    for split in splits:
+        _check_split(split)
+    problems = _split_problems(config, splits)
+    return {split: _split_records(config, split, problems[split]) for split in splits}
+
+
+def generate_split(config: DemoConfig, split: str) -> list[dict[str, str]]:
+    """CFT records of one split; the same records `generate_splits` gives for it."""
+    return generate_splits(config, (split,))[split]
+
+
+def sft_records(cft_records: Iterable[Mapping[str, str]]) -> list[dict[str, str]]:
+    """SFT records (target = correct step-by-step solution) for the problems of CFT records."""
+    records = []
+    for index, cft in enumerate(cft_records):
+        if cft.get("objective") != "cft":
+            raise ValueError(f"sft_records: record {index} has objective {cft.get('objective')!r}, expected 'cft'")
+        problem = parse_query(cft["query"])
+        if cft.get("answer") not in ("", str(problem.answer)):
+            raise ValueError(
+                f"sft_records: record {index} has answer {cft['answer']!r} but its query gives {problem.answer}"
+            )
+        records.append({
+            "objective": "sft",
+            "query": cft["query"],
+            "response": response_text(problem.solution),
+            "critique": "",
+            "system": cft.get("system", ""),
+            "history": cft.get("history", "[]"),
+            "answer": str(problem.answer),
+            "label": "",
+            "critique_flawed": "",
+        })
+    return records
+
+
+def demo_corpus_text(records: Iterable[Mapping[str, str]]) -> Iterator[str]:
+    """Texts to train the demo tokenizer on: what the model will read and write.
+
+    CFT records are laid out as in the CFT paper's prompt so its fixed words merge into few
+    tokens; this only affects sequence length, never correctness (byte fallback covers all).
+    """
+    for record in records:
+        if record["objective"] == "cft":
+            yield f"{CFT_PAPER_INSTRUCTION}\nQuestion:\n{record['query']}\n\nSolution:\n{record['response']}"
+            yield f"Critique:\n{record['critique']}"
+        else:
+            yield record["query"]
+            yield record["response"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and cache
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False
+    ) as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, path)
+
+
+def write_jsonl(path: Path, records: Iterable[Mapping[str, str]]) -> None:
+    _write_atomically(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+
+
+def read_jsonl(path: Path) -> list[dict[str, str]]:
+    records = []
+    with open(path, encoding="utf-8") as file:
+        for line_number, line in enumerate(file, start=1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: invalid JSON: {error.msg}") from error
+    return records
+
+
+def _cache_key(config: DemoConfig) -> str:
+    identity = {"format_version": DATA_FORMAT_VERSION, "config": dataclasses.asdict(config)}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_demo_data(data_dir: str | os.PathLike[str], config: DemoConfig) -> DemoData:
+    """Generate the demo splits and train the demo tokenizer once; reuse them afterwards.
+
+    Files go to `data_dir/demo-<hash of config>/`: `{split}.cft.jsonl`, `{split}.sft.jsonl`,
+    `tokenizer.model` and, written last, `manifest.json`. A directory with a manifest and all
+    its files is complete and is reused; a different config gets its own directory. Every file is
+    written atomically, so concurrent hosts building the same config cannot leave a torn file.
+    """
+    if config.num_train == 0:
+        raise ValueError("prepare_demo_data: num_train is 0, nothing to train the demo tokenizer on")
+    key = _cache_key(config)
+    directory = Path(data_dir) / f"demo-{key}"
+    data = DemoData(
+        directory=directory,
+        config=config,
+        tokenizer_path=directory / "tokenizer.model",
+        cft_paths={split: directory / f"{split}.cft.jsonl" for split in SPLITS},
+        sft_paths={split: directory / f"{split}.sft.jsonl" for split in SPLITS},
+        built=False,
+    )
+    manifest_path = directory / "manifest.json"
+    files = [data.tokenizer_path, *data.cft_paths.values(), *data.sft_paths.values()]
+    if manifest_path.is_file() and all(path.is_file() for path in files):
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("config") == dataclasses.asdict(config):
+            return data
+        raise ValueError(f"{manifest_path} was written for another config (cache key {key} collides)")
+    directory.mkdir(parents=True, exist_ok=True)
+    train_text: list[str] = []
+    for split, cft in generate_splits(config).items():
+        sft = sft_records(cft)
+        write_jsonl(data.cft_paths[split], cft)
+        write_jsonl(data.sft_paths[split], sft)
+        if split == "train":
+            train_text = list(demo_corpus_text(cft + sft))
+    train_sentencepiece(train_text, directory / "tokenizer", config.vocab_size)
+    manifest = {
+        "format_version": DATA_FORMAT_VERSION,
+        "config": dataclasses.asdict(config),
+        "files": sorted(path.name for path in files),
+    }
+    _write_atomically(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return dataclasses.replace(data, built=True)

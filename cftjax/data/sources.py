@@ -1,0 +1,101 @@
+"""Named record sources and the training mixture.
+
+`data.mixture` lists sources with sampling weights, "name:weight[,name:weight]". With
+`data.source=demo` the names are `demo_cft` and `demo_sft` (the embedded task's CFT and
+SFT views of the same problems); with `data.source=tfds` they are datasets written by
+`scripts/prepare_data.py` into `data.data_dir`.
+"""
+
+import dataclasses
+from typing import Any, Sequence
+
+DEMO_SOURCES = ("demo_cft", "demo_sft")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureEntry:
+  name: str
+  weight: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  name: str
+  weight: float
+  records: Sequence[dict]  # random access: len() and __getitem__ -> canonical record
+
+
+def parse_mixture(spec: str) -> list[MixtureEntry]:
+  entries = []
+  for part in (p.strip() for p in spec.split(",")):
+    if not part:
+      continue
+    name, _, weight = part.partition(":")
+    try:
+      value = float(weight) if weight else 1.0
+    except ValueError:
+      raise ValueError(f"config key data.mixture: weight {weight!r} of {name!r} is not a number") from None
+    if value <= 0:
+      raise ValueError(f"config key data.mixture: weight of {name!r} must be positive, got {value}")
+    entries.append(MixtureEntry(name.strip(), value))
+  if not entries:
+    raise ValueError("config key data.mixture is empty; expected 'name:weight[,name:weight]'")
+  names = [e.name for e in entries]
+  if len(set(names)) != len(names):
+    raise ValueError(f"config key data.mixture names a source twice: {spec!r}")
+  return entries
+
+
+def demo_config(data_config: Any):
+  from cftjax.data import demo_task
+
+  d = data_config.demo
+  return demo_task.DemoConfig(
+      seed=d.seed, num_train=d.num_train, num_validation=d.num_validation, num_test=d.num_test,
+      min_steps=d.min_steps, max_steps=d.max_steps, error_fraction=d.error_fraction,
+      flawed_critique_fraction=d.flawed_critique_fraction, vocab_size=d.vocab_size,
+  )
+
+
+def prepare(data_config: Any):
+  """Builds what the configured source needs once (demo data + tokenizer); returns it."""
+  if data_config.source == "demo":
+    from cftjax.data import demo_task
+
+    return demo_task.prepare_demo_data(data_config.data_dir, demo_config(data_config))
+  if data_config.source == "tfds":
+    return None
+  raise ValueError(f"config key data.source={data_config.source!r} is not 'demo' or 'tfds'")
+
+
+def tokenizer_path(data_config: Any, prepared) -> str:
+  """The configured tokenizer, or the demo's own when none is configured."""
+  if data_config.tokenizer:
+    return data_config.tokenizer
+  if data_config.source == "demo":
+    return str(prepared.tokenizer_path)
+  raise ValueError(
+      "config key data.tokenizer is empty: set it to a SentencePiece .model, a tokenizer.json "
+      "or a model directory (an imported checkpoint keeps its tokenizer in <dir>/tokenizer)"
+  )
+
+
+def load_sources(data_config: Any, split: str, prepared=None) -> list[Source]:
+  entries = parse_mixture(data_config.mixture)
+  sources = []
+  for entry in entries:
+    if data_config.source == "demo":
+      if entry.name not in DEMO_SOURCES:
+        raise ValueError(
+            f"config key data.mixture: {entry.name!r} is not a demo source {DEMO_SOURCES}"
+        )
+      prepared = prepared or prepare(data_config)
+      records = prepared.records(split, entry.name.split("_")[1])
+    else:
+      from cftjax.data import tfds_builder
+
+      records = tfds_builder.load_split(entry.name, data_config.data_dir, split)
+    if len(records) == 0:
+      raise ValueError(f"source {entry.name!r} has no examples in split {split!r}")
+    sources.append(Source(entry.name, entry.weight, records))
+  return sources

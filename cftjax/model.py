@@ -1,0 +1,355 @@
+"""Decoder-only transformer covering the Llama 2/3, Mistral and Qwen2/2.5 families.
+
+The model is a pure function of its parameter pytree (flax.linen). Parameter names follow
+the Hugging Face layout closely so conversion is a rename plus a reshape. Every parameter
+carries logical axis names; `sharding.py` maps them onto the device mesh.
+
+Logical axes
+  params:      vocab, embed, heads, kv_heads, head_dim, mlp, layers (scan axis)
+  activations: act_batch, act_length, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cftjax import attention
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  intermediate_size: int
+  rope_theta: float = 10000.0
+  rope_scaling_type: str = ""
+  rope_scaling_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position: int = 8192
+  rms_norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  qkv_bias: bool = False
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  attention_impl: str = "xla"
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"model.num_heads={self.num_heads} must be a multiple of "
+          f"model.num_kv_heads={self.num_kv_heads}"
+      )
+    if self.head_dim % 2:
+      raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(
+          f"model.remat_policy={self.remat_policy!r} is not one of "
+          f"{sorted(REMAT_POLICIES)}"
+      )
+    if self.attention_impl not in attention.ATTENTION_IMPLS:
+      raise ValueError(
+          f"model.attention_impl={self.attention_impl!r} is not one of "
+          f"{attention.ATTENTION_IMPLS}"
+      )
+    if self.rope_scaling_type not in ("", "llama3"):
+      raise ValueError(
+          f"model.rope_scaling_type={self.rope_scaling_type!r} is not '' or 'llama3'"
+      )
+
+  @classmethod
+  def from_config(cls, model_config: Any) -> "ModelConfig":
+    """Builds from the `config.model` ConfigDict (keys the model does not use ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in model_config.items() if k in names}
+    return cls(**values)
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def jnp_param_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def num_params(self) -> int:
+    """Parameter count (embedding included once when tied)."""
+    d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+    q = self.num_heads * self.head_dim
+    kv = self.num_kv_heads * self.head_dim
+    attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0)
+    layer = attn + 3 * d * f + 2 * d
+    head = 0 if self.tie_embeddings else d * v
+    return v * d + self.num_layers * layer + d + head
+
+
+def _init(stddev: float = 0.02):
+  return nn.initializers.normal(stddev=stddev)
+
+
+def constrain(x: Array, *names: str) -> Array:
+  """Logical sharding constraint; a no-op outside a logical_axis_rules context."""
+  return nn.with_logical_constraint(x, names)
+
+
+# ------------------------------------------------------------------------------ RoPE
+def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
+  """Per-pair inverse frequencies, with Llama 3.1 rescaling when configured."""
+  exponents = jnp.arange(0, config.head_dim, 2, dtype=jnp.float32) / config.head_dim
+  inv_freq = 1.0 / (config.rope_theta**exponents)
+  if config.rope_scaling_type == "llama3":
+    factor = config.rope_scaling_factor
+    low_wavelen = config.rope_original_max_position / config.rope_low_freq_factor
+    high_wavelen = config.rope_original_max_position / config.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (config.rope_original_max_position / wavelen - config.rope_low_freq_factor) / (
+        config.rope_high_freq_factor - config.rope_low_freq_factor
+    )
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    inv_freq = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv_freq = jnp.where(is_medium, smoothed, inv_freq)
+  return inv_freq
+
+
+def apply_rope(x_BxLxNxH: Array, positions_BxL: Array, inv_freq: Array) -> Array:
+  """Rotary embedding in the "rotate half" layout Hugging Face checkpoints use."""
+  angles = positions_BxL.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  x = x_BxLxNxH.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x_BxLxNxH.dtype)
+
+
+# ------------------------------------------------------------------------------ layers
+class RMSNorm(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param(
+        "scale",
+        nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        (x.shape[-1],),
+        self.config.jnp_param_dtype,
+    )
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.rms_norm_eps)
+    return normed.astype(self.config.jnp_dtype) * scale.astype(self.config.jnp_dtype)
+
+
+class Projection(nn.Module):
+  """x @ kernel (+ bias) contracting the trailing `in_dims` dims of x into `features`.
+
+  Parameters are created at their final shape with their logical names, so the sharded
+  initialiser never sees a reshaped intermediate.
+  """
+
+  config: ModelConfig
+  features: tuple[int, ...]
+  in_dims: int
+  kernel_axes: tuple[str, ...]
+  use_bias: bool = False
+  bias_axes: tuple[str, ...] = ()
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    in_shape = x.shape[-self.in_dims:]
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(_init(), self.kernel_axes),
+        tuple(in_shape) + tuple(self.features), cfg.jnp_param_dtype,
+    )
+    contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
+    y = jax.lax.dot_general(x.astype(cfg.jnp_dtype), kernel.astype(cfg.jnp_dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param(
+          "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
+          tuple(self.features), cfg.jnp_param_dtype,
+      )
+      y = y + bias.astype(cfg.jnp_dtype)
+    return y
+
+
+def _dense(config: ModelConfig, features, axis, kernel_axes, name, use_bias=False, bias_axes=()):
+  features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
+  in_dims = len(axis) if isinstance(axis, (tuple, list)) else 1
+  return Projection(config, features, in_dims, tuple(kernel_axes), use_bias, tuple(bias_axes), name=name)
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xQxK, kv_cache=None, cache_index=None):
+    cfg = self.config
+    q = _dense(cfg, (cfg.num_heads, cfg.head_dim), -1, ("embed", "heads", "head_dim"),
+               "q_proj", cfg.qkv_bias, ("heads", "head_dim"))(x_BxLxD)
+    k = _dense(cfg, (cfg.num_kv_heads, cfg.head_dim), -1, ("embed", "kv_heads", "head_dim"),
+               "k_proj", cfg.qkv_bias, ("kv_heads", "head_dim"))(x_BxLxD)
+    v = _dense(cfg, (cfg.num_kv_heads, cfg.head_dim), -1, ("embed", "kv_heads", "head_dim"),
+               "v_proj", cfg.qkv_bias, ("kv_heads", "head_dim"))(x_BxLxD)
+    inv_freq = rope_inverse_frequencies(cfg)
+    q = constrain(apply_rope(q, positions_BxL, inv_freq), "act_batch", "act_length", "act_heads", None)
+    k = constrain(apply_rope(k, positions_BxL, inv_freq), "act_batch", "act_length", "act_kv_heads", None)
+    v = constrain(v, "act_batch", "act_length", "act_kv_heads", None)
+    new_cache = None
+    if kv_cache is not None:
+      # Write this chunk's keys/values at the shared slot offset, attend over the cache.
+      k_cache = jax.lax.dynamic_update_slice_in_dim(kv_cache["k"], k.astype(kv_cache["k"].dtype), cache_index, axis=1)
+      v_cache = jax.lax.dynamic_update_slice_in_dim(kv_cache["v"], v.astype(kv_cache["v"].dtype), cache_index, axis=1)
+      new_cache = {"k": k_cache, "v": v_cache}
+      k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+    out = attention.dot_product_attention(q, k, v, mask_Bx1xQxK, cfg.attention_impl)
+    out = constrain(out, "act_batch", "act_length", "act_heads", None)
+    out = _dense(cfg, cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), "o_proj")(out)
+    return out, new_cache
+
+
+class MLP(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.config
+    gate = _dense(cfg, cfg.intermediate_size, -1, ("embed", "mlp"), "gate_proj")(x_BxLxD)
+    up = _dense(cfg, cfg.intermediate_size, -1, ("embed", "mlp"), "up_proj")(x_BxLxD)
+    hidden = constrain(nn.silu(gate) * up, "act_batch", "act_length", "act_mlp")
+    return _dense(cfg, cfg.hidden_size, -1, ("mlp", "embed"), "down_proj")(hidden)
+
+
+class Block(nn.Module):
+  """Pre-norm decoder layer. Signature fits nn.scan: (carry, per-layer input) -> (carry, out)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, layer_cache, positions_BxL, mask_Bx1xQxK, cache_index):
+    attn_out, new_cache = Attention(self.config, name="attn")(
+        RMSNorm(self.config, name="attn_norm")(x_BxLxD),
+        positions_BxL, mask_Bx1xQxK, layer_cache, cache_index,
+    )
+    x = constrain(x_BxLxD + attn_out, "act_batch", "act_length", "act_embed")
+    x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
+    return constrain(x, "act_batch", "act_length", "act_embed"), new_cache
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None) -> dict:
+  """Empty KV cache: stacked per-layer keys/values, slot segment ids, write index."""
+  dtype = dtype or config.jnp_dtype
+  shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+  return {
+      "k": jnp.zeros(shape, dtype),
+      "v": jnp.zeros(shape, dtype),
+      "segment_ids": jnp.zeros((batch_size, max_length), jnp.int32),
+      "index": jnp.zeros((), jnp.int32),
+  }
+
+
+class Transformer(nn.Module):
+  """tokens -> logits. Without a cache it scores whole (packed) rows; with one it decodes."""
+
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embed = nn.Embed(
+        cfg.vocab_size, cfg.hidden_size,
+        dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+        embedding_init=nn.with_logical_partitioning(_init(), ("vocab", "embed")),
+        name="embed",
+    )
+    block = Block
+    if cfg.remat_policy != "none":
+      block = nn.remat(
+          Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers
+      )
+    if cfg.scan_layers:
+      self.layers = nn.scan(
+          block,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+          out_axes=0,
+          length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, name="layers")
+    else:
+      self.layer_list = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(cfg, name="final_norm")
+    if not cfg.tie_embeddings:
+      self.lm_head = _dense(cfg, cfg.vocab_size, -1, ("embed", "vocab"), "lm_head")
+
+  def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache=None):
+    """Returns (float32 logits [B, L, V], updated cache or None).
+
+    positions restart at 0 for each packed example (RoPE); segment_ids are 1-based per
+    example with 0 for padding. With a cache, the chunk is written at cache["index"].
+    """
+    cfg = self.config
+    length = tokens_BxL.shape[1]
+    if cache is None:
+      slots = jnp.arange(length, dtype=jnp.int32)
+      mask = attention.attention_mask(
+          segment_ids_BxL, segment_ids_BxL, jnp.broadcast_to(slots, tokens_BxL.shape), slots
+      )
+      layer_caches, cache_index = None, None
+    else:
+      cache_index = cache["index"]
+      kv_segment_ids = jax.lax.dynamic_update_slice_in_dim(
+          cache["segment_ids"], segment_ids_BxL.astype(jnp.int32), cache_index, axis=1
+      )
+      q_slots = cache_index + jnp.arange(length, dtype=jnp.int32)
+      kv_slots = jnp.arange(kv_segment_ids.shape[1], dtype=jnp.int32)
+      mask = attention.attention_mask(
+          segment_ids_BxL, kv_segment_ids, jnp.broadcast_to(q_slots, tokens_BxL.shape), kv_slots
+      )
+      layer_caches = {"k": cache["k"], "v": cache["v"]}
+
+    x = constrain(self.embed(tokens_BxL), "act_batch", "act_length", "act_embed")
+    if cfg.scan_layers:
+      x, new_layer_caches = self.layers(x, layer_caches, positions_BxL, mask, cache_index)
+    else:
+      outs = []
+      for i, layer in enumerate(self.layer_list):
+        layer_cache = None if layer_caches is None else jax.tree.map(lambda c: c[i], layer_caches)
+        x, out = layer(x, layer_cache, positions_BxL, mask, cache_index)
+        outs.append(out)
+      new_layer_caches = None if layer_caches is None else jax.tree.map(lambda *c: jnp.stack(c), *outs)
+
+    x = self.final_norm(x)
+    if cfg.tie_embeddings:
+      logits = self.embed.attend(x)
+    else:
+      logits = self.lm_head(x)
+    logits = constrain(logits.astype(jnp.float32), "act_batch", "act_length", "act_vocab")
+
+    new_cache = None
+    if cache is not None:
+      new_cache = {
+          "k": new_layer_caches["k"],
+          "v": new_layer_caches["v"],
+          "segment_ids": kv_segment_ids,
+          "index": cache_index + length,
+      }
+    return logits, new_cache

@@ -1,0 +1,389 @@
+"""Train state, the jitted (sharded) train and eval steps, and the training loop."""
+
+import dataclasses
+import functools
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cftjax import checkpoint as ckpt
+from cftjax import metrics as metrics_lib
+from cftjax import objectives, optim, sharding
+from cftjax.data import pipeline
+from cftjax.data import sources as sources_lib
+from cftjax.model import ModelConfig, Transformer
+
+BATCH_KEYS = ("inputs", "positions", "segment_ids", "targets", "weights", "objective_ids", "source_ids")
+
+
+class TrainingStopped(RuntimeError):
+  """A NaN/Inf loss or a signal ended the run; the message says what was kept."""
+
+
+# ------------------------------------------------------------------------------ state
+def init_params_fn(model: Transformer, seed: int, seq_len: int = 8) -> Callable[[], Any]:
+  """A no-argument function returning boxed params, for eval_shape and sharded jit."""
+
+  def init():
+    dummy = jnp.zeros((1, seq_len), jnp.int32)
+    return model.init(jax.random.key(seed), dummy, dummy, dummy + 1)["params"]
+
+  return init
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+  abstract: Any  # ShapeDtypeStructs with shardings
+  shardings: Any
+
+
+def state_layout(model: Transformer, tx: optax.GradientTransformation, mesh, seed: int) -> StateLayout:
+  abstract_params, param_shardings = sharding.abstract_params_and_shardings(init_params_fn(model, seed), mesh)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_shardings = sharding.shardings_like_params(abstract_opt, abstract_params, param_shardings, mesh)
+  replicated = NamedSharding(mesh, P())
+  shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+  abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params, "opt_state": abstract_opt}
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return StateLayout(abstract, shardings)
+
+
+def init_state(model, tx, mesh, seed: int, layout: StateLayout, params=None):
+  """Creates the train state directly in its sharded layout (never whole on one host)."""
+  make_params = init_params_fn(model, seed)
+
+  def create(params):
+    if params is None:
+      params = nn.meta.unbox(make_params())
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  if params is None:
+    return jax.jit(lambda: create(None), out_shardings=layout.shardings)()
+  return jax.jit(create, in_shardings=(layout.shardings["params"],), out_shardings=layout.shardings)(params)
+
+
+# ------------------------------------------------------------------------------ steps
+def _forward_sums(model, params, batch, num_sources: int):
+  logits, _ = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+  return objectives.loss_sums(
+      logits, batch["targets"], batch["weights"], batch["objective_ids"], batch["source_ids"], num_sources
+  )
+
+
+def _split_micro_batches(batch, accum: int):
+  """[B, L] -> [A, B/A, L], taking rows i*A + a for micro-batch a.
+
+  With rows sharded in contiguous blocks over devices, each device's micro-batch rows
+  are its own rows, so splitting moves no data.
+  """
+  def split(x):
+    rows = x.shape[0]
+    return x.reshape((rows // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+
+  return jax.tree.map(split, batch)
+
+
+def train_step(state, batch, *, model, tx, schedule, accum: int, num_sources: int):
+  """One optimizer step; the loss is a token mean over the whole global batch."""
+  total_weight = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
+
+  def loss_fn(params, micro):
+    sums = _forward_sums(model, params, micro, num_sources)
+    return sums["loss_sum"] / total_weight, sums
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum == 1:
+    (_, sums), grads = grad_fn(state["params"], batch)
+  else:
+    micro_batches = _split_micro_batches(batch, accum)
+
+    def body(carry, micro):
+      grads_acc, sums_acc = carry
+      (_, sums), grads = grad_fn(state["params"], micro)
+      return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
+
+    zero_grads = jax.tree.map(jnp.zeros_like, state["params"])
+    zero_sums = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype),
+        jax.eval_shape(lambda p, m: _forward_sums(model, p, m, num_sources), state["params"],
+                       jax.tree.map(lambda x: x[0], micro_batches)),
+    )
+    (grads, sums), _ = jax.lax.scan(body, (zero_grads, zero_sums), micro_batches)
+
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  out = objectives.mean_losses(sums)
+  out.update(grad_norm=grad_norm, learning_rate=schedule(state["step"]), param_norm=optax.global_norm(params))
+  new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+  return new_state, out
+
+
+def eval_step(params, batch, *, model, num_sources: int):
+  return _forward_sums(model, params, batch, num_sources)
+
+
+@dataclasses.dataclass
+class CompiledSteps:
+  train: Callable
+  eval: Callable
+
+
+def compile_steps(model, tx, schedule, mesh, layout: StateLayout, accum: int, num_sources: int) -> CompiledSteps:
+  """jax.jit with explicit in/out shardings; the state is donated (updated in place)."""
+  batch_sharding = {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
+  replicated = NamedSharding(mesh, P())
+  train = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule, accum=accum, num_sources=num_sources),
+      in_shardings=(layout.shardings, batch_sharding),
+      out_shardings=(layout.shardings, replicated),
+      donate_argnums=(0,),
+  )
+  evaluate = jax.jit(
+      functools.partial(eval_step, model=model, num_sources=num_sources),
+      in_shardings=(layout.shardings["params"], batch_sharding),
+      out_shardings=replicated,
+  )
+
+  def with_rules(fn):
+    @functools.wraps(fn)
+    def wrapped(*args):
+      with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        return fn(*args)
+    return wrapped
+
+  return CompiledSteps(with_rules(train), with_rules(evaluate))
+
+
+# ------------------------------------------------------------------------------ loop
+@dataclasses.dataclass
+class RunResult:
+  final_step: int
+  last_metrics: dict
+  workdir: Path
+  stopped_early: str = ""
+
+
+class _StopFlag:
+  """SIGTERM / Ctrl-C request a checkpoint at the next step boundary, then exit."""
+
+  def __init__(self):
+    self.reason = ""
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: no handlers
+        pass
+    return self
+
+  def _handle(self, signum, _frame):
+    if self.reason:  # a second signal: stop now
+      raise KeyboardInterrupt
+    self.reason = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def build_model(config: ml_collections.ConfigDict) -> tuple[Transformer, ModelConfig]:
+  model_config = ModelConfig.from_config(config.model)
+  return Transformer(model_config), model_config
+
+
+def estimate_num_steps(config, sources, tokenizer_path: str, rows_per_step: int) -> int:
+  """Steps for data.num_epochs when train.num_steps=-1: tokens / row capacity, packed."""
+  encode = pipeline.EncodeExample(tokenizer_path, config.data.chat_template, config.data.max_length,
+                                  config.data.truncation)
+  tokens = 0
+  for source_id, source in enumerate(sources):
+    for i in range(len(source.records)):
+      tokens += len(encode((source_id, source.records[i]))["inputs"])
+  rows = tokens / config.data.max_length if config.data.packing else sum(len(s.records) for s in sources)
+  # First-fit packing leaves a little padding; count it so the schedule ends on the data.
+  return max(1, math.ceil(rows * config.data.num_epochs / 0.97 / rows_per_step))
+
+
+def _validation_loss(steps, params, config, sources, tokenizer_path, rows, mesh, num_sources) -> dict:
+  ds = pipeline.make_dataset(config.data, sources, tokenizer_path, rows=rows, train=False,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+  totals = None
+  for i, batch in enumerate(ds):
+    if i >= config.train.eval_batches:
+      break
+    arrays = sharding.host_batch_to_global(pipeline.model_inputs(pipeline.pad_rows(batch, rows)), mesh)
+    sums = jax.device_get(steps.eval(params, arrays))
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+  means = jax.tree.map(float, jax.device_get(objectives.mean_losses(totals)))
+  out = {"val_loss": means["loss"]}
+  for name in objectives.OBJECTIVES:
+    if means[f"tokens_{name}"] > 0:
+      out[f"val_loss_{name}"] = means[f"loss_{name}"]
+  return out
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
+  """Trains (or resumes) per `config`, writing checkpoints and metrics under workdir."""
+  workdir = Path(workdir)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  mesh = sharding.make_mesh(config.mesh)
+  rows = sharding.batch_size_per_process(config.train.global_batch_size, mesh)
+  accum = int(config.train.grad_accum_steps)
+  per_device = config.train.global_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
+  if accum < 1 or per_device % accum:
+    raise ValueError(
+        f"config key train.grad_accum_steps={accum} must divide the per-device batch "
+        f"{per_device} (train.global_batch_size / (mesh.data * mesh.fsdp))"
+    )
+
+  prepared = sources_lib.prepare(config.data)
+  tokenizer_path = sources_lib.tokenizer_path(config.data, prepared)
+  tokenizer = pipeline._load_tokenizer(tokenizer_path)
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ValueError(
+        f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but config key "
+        f"model.vocab_size={config.model.vocab_size}"
+    )
+  train_sources = sources_lib.load_sources(config.data, "train", prepared)
+  num_sources = len(train_sources)
+  num_steps = int(config.train.num_steps)
+  if num_steps <= 0:
+    num_steps = estimate_num_steps(config, train_sources, tokenizer_path, config.train.global_batch_size)
+    writer.console(f"train.num_steps=-1: {config.data.num_epochs} epoch(s) ~ {num_steps} steps")
+
+  model, model_config = build_model(config)
+  tx, schedule = optim.make_optimizer(config.optim, num_steps)
+  layout = state_layout(model, tx, mesh, config.seed)
+  steps = compile_steps(model, tx, schedule, mesh, layout, accum, num_sources)
+
+  dataset = pipeline.make_dataset(config.data, train_sources, tokenizer_path, rows=rows, train=True,
+                                  process_index=jax.process_index(), process_count=jax.process_count())
+  data_iter = iter(dataset)
+  manager = ckpt.make_manager(workdir / "checkpoints", config.checkpoint)
+  start = manager.latest_step()
+  if start is not None:
+    start, state = ckpt.restore_train_state(manager, layout.abstract, data_iter)
+    writer.console(f"resumed from {workdir / 'checkpoints' / str(start)}")
+    writer.discard_after(start)
+  else:
+    start = 0
+    initial_params = _initial_params(config, model_config, layout, mesh, writer)
+    state = init_state(model, tx, mesh, config.seed, layout, initial_params)
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  writer.console(
+      f"model {model_config.num_params() / 1e6:.2f}M params | mesh {dict(mesh.shape)} | "
+      f"batch {config.train.global_batch_size}x{config.data.max_length} | steps {start}->{num_steps}"
+  )
+
+  flops_per_token = metrics_lib.train_flops_per_token(model_config, config.data.max_length)
+  validation_sources = None
+  pending: list[tuple[int, Any, dict]] = []
+  last_good_step, last_metrics, stopped = start, {}, ""
+  window_start, window_tokens = time.perf_counter(), 0
+
+  def flush() -> None:
+    """Fetches pending step metrics, checks them finite, logs them."""
+    nonlocal pending, last_metrics, window_start, window_tokens
+    if not pending:
+      return
+    fetched = jax.device_get([m for _, m, _ in pending])  # waits for the queued steps
+    elapsed = time.perf_counter() - window_start
+    step_time = elapsed / len(pending)
+    tokens_per_second = window_tokens / elapsed if elapsed > 0 else 0.0
+    for (step, _, host), device_metrics in zip(pending, fetched):
+      m = {k: v for k, v in device_metrics.items() if k != "loss_by_source"}
+      m = {k: float(v) for k, v in m.items()}
+      for source, value in zip(train_sources, device_metrics["loss_by_source"]):
+        m[f"loss_source/{source.name}"] = float(value)
+      m.update(host, step_time=step_time, tokens_per_second=tokens_per_second,
+               mfu=metrics_lib.mfu(tokens_per_second, flops_per_token, jax.device_count()))
+      if not math.isfinite(m["loss"]):
+        writer.write(step, m)
+        raise TrainingStopped(
+            f"loss is {m['loss']} at step {step}: stopping; the last good checkpoint "
+            f"({workdir / 'checkpoints'}, step {manager.latest_step()}) is intact"
+        )
+      writer.write(step, m)
+      last_metrics = m
+    writer.console(metrics_lib.format_console(pending[-1][0], num_steps, last_metrics))
+    pending = []
+    window_start, window_tokens = time.perf_counter(), 0
+
+  def save(step: int, extra_metrics: dict | None = None) -> None:
+    flush()
+    ckpt.save_train_state(manager, step, state, data_iter, config, extra_metrics)
+
+  step = start
+  try:
+    with _StopFlag() as stop:
+      while step < num_steps:
+        try:
+          batch = next(data_iter)
+        except StopIteration:
+          stopped = "data exhausted"
+          writer.console(f"training data exhausted after {config.data.num_epochs} epoch(s) at step {step}")
+          break
+        batch = pipeline.pad_rows(batch, rows)
+        host = pipeline.batch_stats(batch)
+        arrays = sharding.host_batch_to_global(pipeline.model_inputs(batch), mesh)
+        state, device_metrics = steps.train(state, arrays)
+        step += 1
+        window_tokens += host["nonpad_fraction"] * rows * config.data.max_length * jax.process_count()
+        pending.append((step, device_metrics, host))
+        eval_metrics = None
+        if config.train.eval_every and step % config.train.eval_every == 0:
+          if validation_sources is None:
+            validation_sources = sources_lib.load_sources(config.data, config.data.validation_split, prepared)
+          flush()
+          eval_metrics = _validation_loss(steps, state["params"], config, validation_sources, tokenizer_path,
+                                          rows, mesh, num_sources)
+          writer.write(step, eval_metrics)
+          writer.console(f"step {step} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+        if step % config.train.log_every == 0:
+          flush()
+        if stop.reason:
+          save(step, eval_metrics)
+          stopped = stop.reason
+          writer.console(f"{stop.reason}: saved checkpoint at step {step}, exiting")
+          break
+        if step % config.checkpoint.every_steps == 0 or step == num_steps:
+          save(step, eval_metrics)
+          last_good_step = step
+    if step != last_good_step and not stopped.startswith("SIG"):
+      save(step)
+    flush()
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+  return RunResult(step, last_metrics, workdir, stopped)
+
+
+def _initial_params(config, model_config, layout: StateLayout, mesh, writer):
+  """Params from model.init_from (a HF directory or a cftjax checkpoint), else None."""
+  source = config.model.init_from
+  if not source:
+    return None
+  path = Path(source)
+  if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+    from cftjax import hf
+
+    writer.console(f"importing Hugging Face weights from {path}")
+    return hf.import_params(path, model_config, mesh)
+  writer.console(f"initialising from checkpoint {path}")
+  return ckpt.load_params(path, layout.abstract["params"])

@@ -1,0 +1,120 @@
+"""Every config key cftjax reads, with its default and what it means.
+
+Other config files start from `get_config()` here and change what they need; the command
+line changes any key with `--config.a.b=value`. A key that does not exist is an error.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.name = "base"  # Free-form run name written to metrics and checkpoints.
+  config.seed = 0  # Seeds parameter init and dropout-free training RNG.
+
+  # ---------------------------------------------------------------- model
+  model = config.model = ml_collections.ConfigDict()
+  model.family = "llama"  # llama | mistral | qwen2: only changes export naming.
+  model.vocab_size = 32000
+  model.hidden_size = 4096  # Width of the residual stream (d_model).
+  model.num_layers = 32
+  model.num_heads = 32  # Query heads.
+  model.num_kv_heads = 8  # Key/value heads (grouped-query attention; == num_heads for MHA).
+  model.head_dim = 128  # Per-head width; usually hidden_size // num_heads.
+  model.intermediate_size = 14336  # SwiGLU hidden width.
+  model.rope_theta = 10000.0  # RoPE base frequency.
+  # Llama 3.1 style RoPE rescaling: "" for none, or "llama3" with the fields below.
+  model.rope_scaling_type = ""
+  model.rope_scaling_factor = 8.0
+  model.rope_low_freq_factor = 1.0
+  model.rope_high_freq_factor = 4.0
+  model.rope_original_max_position = 8192
+  model.rms_norm_eps = 1e-5
+  model.tie_embeddings = False  # Output head shares the input embedding matrix.
+  model.qkv_bias = False  # Qwen2 puts biases on q, k and v projections.
+  model.param_dtype = "float32"  # Master weights; optimizer math stays in this dtype.
+  model.dtype = "float32"  # Compute dtype: "bfloat16" for real runs.
+  model.scan_layers = True  # nn.scan over layers: compile time independent of depth.
+  # Rematerialisation policy per layer: none | full | dots | dots_no_batch.
+  model.remat_policy = "none"
+  model.attention_impl = "xla"  # xla | cudnn (GPU) | splash (TPU).
+  # Initialise from an existing model: "" (random init), a Hugging Face model directory
+  # (config.json + safetensors) or a cftjax checkpoint directory.
+  model.init_from = ""
+
+  # ---------------------------------------------------------------- data
+  data = config.data = ml_collections.ConfigDict()
+  data.source = "demo"  # demo | tfds
+  data.data_dir = "data_cache"  # Where prepared datasets and tokenizers live.
+  # Tokenizer: "" = the one prepared with the data (demo); else a SentencePiece .model,
+  # a tokenizer.json, or a model directory holding one.
+  data.tokenizer = ""
+  data.chat_template = "plain"  # plain | qwen | llama3
+  data.max_length = 2048  # Tokens per packed row (and the truncation limit).
+  # What to do with an example longer than max_length: drop | truncate_prompt_left |
+  # truncate_target. Every drop or cut is counted in the metrics.
+  data.truncation = "truncate_prompt_left"
+  data.packing = True  # First-fit packing of several examples into one row.
+  data.shuffle_seed = 0
+  data.num_epochs = 1  # Passes over the training data; the run stops when it is used up.
+  data.worker_count = 0  # Grain multiprocess prefetch workers; 0 = in-process.
+  data.worker_buffer_size = 2
+  # Mixture: comma-separated "name:weight" entries, e.g. "webinstruct_cft:1,my_sft:0.5".
+  # Each record says its own objective (cft or sft). For source=demo the names are
+  # demo_cft / demo_sft. Metrics report loss per objective and per source.
+  data.mixture = "demo_cft:1.0"
+  data.validation_split = "validation"
+  data.max_validation_examples = 256
+  # The embedded demo task (source=demo).
+  demo = data.demo = ml_collections.ConfigDict()
+  demo.seed = 1234
+  demo.num_train = 20000
+  demo.num_validation = 500
+  demo.num_test = 500
+  demo.min_steps = 3
+  demo.max_steps = 5
+  demo.error_fraction = 0.5  # Share of noisy responses that carry an injected error.
+  demo.flawed_critique_fraction = 0.2  # Share of deliberately flawed critiques.
+  demo.vocab_size = 512  # SentencePiece vocabulary trained on the demo corpus.
+
+  # ---------------------------------------------------------------- training
+  train = config.train = ml_collections.ConfigDict()
+  train.global_batch_size = 512  # Packed rows per optimizer step, over all hosts.
+  train.grad_accum_steps = 1  # Micro-batches per step; must divide the per-device batch.
+  # Optimizer steps. -1 = derive from data.num_epochs and the token count of the data.
+  train.num_steps = -1
+  train.log_every = 10
+  train.eval_every = 0  # Validation loss every N steps (0 = off).
+  train.eval_batches = 4
+
+  # ---------------------------------------------------------------- optimizer
+  optim = config.optim = ml_collections.ConfigDict()
+  optim.learning_rate = 5e-6  # Peak learning rate.
+  optim.schedule = "cosine"  # cosine | linear | constant (after warmup)
+  optim.warmup_ratio = 0.1  # Warmup as a fraction of num_steps (used if warmup_steps < 0).
+  optim.warmup_steps = -1  # Explicit warmup steps; overrides warmup_ratio when >= 0.
+  optim.end_lr_ratio = 0.0  # Final learning rate as a fraction of the peak.
+  optim.weight_decay = 0.0  # AdamW decoupled weight decay (never on norms or biases).
+  optim.b1 = 0.9
+  optim.b2 = 0.95
+  optim.eps = 1e-8
+  optim.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables.
+
+  # ---------------------------------------------------------------- mesh / sharding
+  mesh = config.mesh = ml_collections.ConfigDict()
+  # Devices per named axis; one axis may be -1 to take the remaining devices.
+  mesh.data = -1  # Pure data parallelism (replicated params).
+  mesh.fsdp = 1  # Parameters and optimizer state sharded, batch split too.
+  mesh.tensor = 1  # Heads / MLP / vocab split (Megatron-style).
+
+  # ---------------------------------------------------------------- checkpointing
+  checkpoint = config.checkpoint = ml_collections.ConfigDict()
+  checkpoint.every_steps = 100  # Save every N steps (and always at the end).
+  checkpoint.keep = 3  # Keep the newest K checkpoints.
+  # Also keep the best K by this metric ("" = off); e.g. "val_loss" (lower is better).
+  checkpoint.best_metric = ""
+  checkpoint.best_mode = "min"  # min | max
+  checkpoint.keep_best = 1
+  checkpoint.async_save = True
+
+  return config

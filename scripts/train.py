@@ -1,0 +1,23 @@
+"""Train or resume: python scripts/train.py [--config=configs/demo.py] [--workdir=runs/NAME] [--config.a.b=v]"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # configs/ imports `configs.base`
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from cftjax import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file (ml_collections).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<config file stem>.")
+
+
+def main(argv):
+  del argv
+  cli.train_main(_CONFIG.value, _WORKDIR.value, flags.FLAGS["config"].config_filename)
+
+
+if __name__ == "__main__":
+  app.run(main)

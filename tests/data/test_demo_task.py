@@ -1,0 +1,263 @@
+"""The embedded demo task, checked against an independent re-derivation of each problem."""
+
+import dataclasses
+import operator
+import re
+
+import pytest
+
+from cftjax.data import demo_task
+from cftjax.data.demo_task import (
+    SPLITS,
+    DemoConfig,
+    extract_final_answer,
+    generate_split,
+    generate_splits,
+    parse_conclusion,
+    prepare_demo_data,
+    sft_records,
+)
+
+CONFIG = DemoConfig(seed=3, num_train=400, num_validation=120, num_test=130)
+CANONICAL_KEYS = {"objective", "query", "response", "critique", "system", "history", "answer", "label"}
+OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+PHRASE_OPS = {"add": "+", "subtract": "-", "multiply by": "*"}
+STEP_RE = re.compile(r"Step (\d+): (\d+) ([-+*]) (\d+) = (\d+)")
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return generate_splits(CONFIG)
+
+
+def _query_operations(query):
+    """(start, [(op, operand), ...]) read from the query text, independently of demo_task."""
+    match = re.fullmatch(r"Start with (\d+)\. (.+)\. What is the result\?", query)
+    assert match, query
+    operations = []
+    for phrase in match.group(2).lower().split(", then "):
+        name, operand = phrase.rsplit(" ", 1)
+        operations.append((PHRASE_OPS[name], int(operand)))
+    return int(match.group(1)), operations
+
+
+def _true_values(query):
+    start, operations = _query_operations(query)
+    values = [start]
+    for op, operand in operations:
+        values.append(OPS[op](values[-1], operand))
+    return values, operations
+
+
+def _response_steps(response):
+    lines = response.split("\n")
+    steps = [STEP_RE.fullmatch(line) for line in lines[:-1]]
+    assert all(steps), response
+    assert [int(s.group(1)) for s in steps] == list(range(1, len(steps) + 1))
+    parsed = [(int(s.group(2)), s.group(3), int(s.group(4)), int(s.group(5))) for s in steps]
+    assert lines[-1] == f"The answer is {parsed[-1][3]}."
+    return parsed
+
+
+def _first_wrong_step(record):
+    """Index of the first response step that deviates from the query, or None."""
+    values, operations = _true_values(record["query"])
+    for index, (left, op, operand, result) in enumerate(_response_steps(record["response"])):
+        if (left, op, operand, result) != (values[index], *operations[index], values[index + 1]):
+            return index
+    return None
+
+
+def test_records_follow_the_schema(splits):
+    for records in splits.values():
+        for record in records:
+            assert set(record) == CANONICAL_KEYS | {"critique_flawed"}
+            assert all(isinstance(value, str) for value in record.values())
+            assert (record["objective"], record["system"], record["history"]) == ("cft", "", "[]")
+            assert record["label"] in ("right", "wrong") and record["critique_flawed"] in ("0", "1")
+
+
+def test_generation_is_deterministic_and_seeded(splits):
+    assert generate_splits(CONFIG) == splits
+    assert generate_split(CONFIG, "validation") == splits["validation"]
+    other = generate_splits(dataclasses.replace(CONFIG, seed=4))
+    assert {r["query"] for r in other["train"]} != {r["query"] for r in splits["train"]}
+
+
+def test_splits_are_disjoint_and_stable_when_other_splits_grow(splits):
+    queries = {split: [r["query"] for r in records] for split, records in splits.items()}
+    for split in SPLITS:
+        assert len(queries[split]) == CONFIG.split_size(split) == len(set(queries[split]))
+    assert not set(queries["train"]) & set(queries["validation"])
+    assert not set(queries["train"]) & set(queries["test"])
+    assert not set(queries["validation"]) & set(queries["test"])
+    bigger_train = dataclasses.replace(CONFIG, num_train=2 * CONFIG.num_train)
+    assert generate_split(bigger_train, "test") == splits["test"]
+
+
+def test_problems_respect_step_counts_and_value_range(splits):
+    for records in splits.values():
+        for record in records:
+            values, operations = _true_values(record["query"])
+            assert CONFIG.min_steps <= len(operations) <= CONFIG.max_steps
+            assert record["answer"] == str(values[-1])
+            for text in (record["query"], record["response"], record["critique"]):
+                assert not re.search(r"-\d", text), text  # no negative numbers
+                assert all(int(n) < demo_task.MAX_VALUE for n in re.findall(r"\d+", text)), text
+
+
+def test_noisy_responses_carry_one_error_that_propagates_consistently(splits):
+    kinds = set()
+    for records in splits.values():
+        for record in records:
+            values, operations = _true_values(record["query"])
+            steps = _response_steps(record["response"])
+            wrong = _first_wrong_step(record)
+            assert len(steps) == len(operations)
+            if record["label"] == "right":
+                assert wrong is None and steps[-1][3] == values[-1]
+                continue
+            assert wrong is not None and steps[-1][3] != values[-1]  # the error changes the answer
+            left, op, operand, result = steps[wrong]
+            assert left == values[wrong] and op == operations[wrong][0]
+            if operand == operations[wrong][1]:
+                kinds.add("arithmetic")
+                assert result != OPS[op](left, operand)
+            else:
+                kinds.add("operand")
+                assert result == OPS[op](left, operand)
+            previous = result
+            for index in range(wrong + 1, len(steps)):  # later steps: right arithmetic, wrong input
+                left, op, operand, result = steps[index]
+                assert (left, op, operand) == (previous, *operations[index])
+                assert result == OPS[op](left, operand)
+                previous = result
+    assert kinds == {"arithmetic", "operand"}
+
+
+def test_error_fraction_controls_labels():
+    all_right = generate_split(dataclasses.replace(CONFIG, error_fraction=0.0), "validation")
+    all_wrong = generate_split(dataclasses.replace(CONFIG, error_fraction=1.0), "validation")
+    assert {r["label"] for r in all_right} == {"right"}
+    assert {r["label"] for r in all_wrong} == {"wrong"}
+    assert all(_first_wrong_step(r) is not None for r in all_wrong)
+
+
+def test_flawed_critique_share_matches_the_setting_exactly(splits):
+    for split, records in splits.items():
+        flawed = [r for r in records if r["critique_flawed"] == "1"]
+        assert len(flawed) == round(CONFIG.flawed_critique_fraction * CONFIG.split_size(split))
+        for record in records:
+            verdict = parse_conclusion(record["critique"])
+            assert record["critique"].split("\n")[-1] == f"Conclusion: {verdict}"
+            assert (verdict == record["label"]) == (record["critique_flawed"] == "0")
+    for fraction, expected in ((0.0, "0"), (1.0, "1")):
+        records = generate_split(dataclasses.replace(CONFIG, flawed_critique_fraction=fraction), "test")
+        assert {r["critique_flawed"] for r in records} == {expected}
+
+
+def test_faithful_critiques_name_the_first_wrong_step_and_the_true_answer(splits):
+    for records in splits.values():
+        for record in records:
+            if record["critique_flawed"] == "1":
+                continue
+            values, _ = _true_values(record["query"])
+            lines = record["critique"].split("\n")
+            assert lines[-2] == f"The correct final answer is {values[-1]}."
+            steps = _response_steps(record["response"])
+            wrong = _first_wrong_step(record)
+            checked = len(steps) if wrong is None else wrong
+            for index in range(checked):
+                left, op, operand, result = steps[index]
+                assert lines[index] == f"Step {index + 1}: {left} {op} {operand} = {result} is correct."
+            if wrong is not None:
+                left, op, operand, result = steps[wrong]
+                prefix = f"Step {wrong + 1}: {left} {op} {operand} = {result} is wrong; "
+                assert lines[wrong].startswith(prefix) and lines[wrong].endswith(f" = {values[wrong + 1]}.")
+
+
+def test_flawed_critiques_are_consistent_with_their_wrong_verdict(splits):
+    for records in splits.values():
+        for record in (r for r in records if r["critique_flawed"] == "1"):
+            lines = record["critique"].split("\n")
+            response_answer = extract_final_answer(record["response"])
+            claimed = extract_final_answer(record["critique"])
+            if record["label"] == "wrong":  # waved through: every step accepted, its answer too
+                assert all(line.endswith(" is correct.") for line in lines[:-2])
+                assert claimed == response_answer
+            else:  # a right response is flagged: the claimed answer is not the response's
+                assert sum(" is wrong; " in line for line in lines) == 1
+                assert claimed != response_answer == record["answer"]
+
+
+def test_sft_records_hold_the_correct_solution(splits):
+    cft = splits["validation"]
+    sft = sft_records(cft)
+    assert [r["query"] for r in sft] == [r["query"] for r in cft]
+    for record in sft:
+        assert set(record) == CANONICAL_KEYS | {"critique_flawed"}
+        assert (record["objective"], record["critique"], record["label"]) == ("sft", "", "")
+        assert _first_wrong_step(record) is None
+        assert extract_final_answer(record["response"]) == record["answer"]
+    with pytest.raises(ValueError, match="record 0 has objective 'sft'"):
+        sft_records(sft)
+
+
+def test_parse_conclusion_and_extract_final_answer():
+    assert parse_conclusion("Step 1 is correct.\nConclusion: right") == "right"
+    assert parse_conclusion("Conclusion: right\n...\nConclusion: **Wrong**.") == "wrong"
+    assert parse_conclusion("no verdict here") is None
+    assert extract_final_answer("Step 1: 2 + 3 = 5\nThe answer is 5.") == "5"
+    assert extract_final_answer("The correct final answer is 58.\nConclusion: wrong") == "58"
+    assert extract_final_answer("I think it is 7") is None
+
+
+def test_config_and_split_errors_name_the_field():
+    with pytest.raises(ValueError, match="min_steps=4, max_steps=3"):
+        DemoConfig(min_steps=4, max_steps=3)
+    with pytest.raises(ValueError, match="flawed_critique_fraction"):
+        DemoConfig(flawed_critique_fraction=1.5)
+    with pytest.raises(ValueError, match="num_test"):
+        DemoConfig(num_test=-1)
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        generate_split(CONFIG, "dev")
+    with pytest.raises(ValueError, match="too few unique problems"):
+        generate_split(DemoConfig(num_test=300, min_steps=1, max_steps=1), "test")  # 174 exist
+
+
+def test_prepare_demo_data_builds_once_and_caches(tmp_path, monkeypatch, splits):
+    trainings = []
+    real_train = demo_task.train_sentencepiece
+
+    def counting_train(*args, **kwargs):
+        trainings.append(args)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(demo_task, "train_sentencepiece", counting_train)
+    data = prepare_demo_data(tmp_path, CONFIG)
+    assert data.built and len(trainings) == 1
+    for split in SPLITS:
+        assert data.records(split, "cft") == splits[split]
+        assert data.records(split, "sft") == sft_records(splits[split])
+    tokenizer = data.tokenizer()
+    critique = splits["train"][0]["critique"]
+    assert tokenizer.decode(tokenizer.encode(critique)) == critique
+    assert tokenizer.token_to_id("<|im_end|>") is not None
+    model_mtime = data.tokenizer_path.stat().st_mtime_ns
+
+    again = prepare_demo_data(tmp_path, CONFIG)
+    assert not again.built and len(trainings) == 1
+    assert again.directory == data.directory
+    assert data.tokenizer_path.stat().st_mtime_ns == model_mtime
+
+    other = prepare_demo_data(tmp_path, dataclasses.replace(CONFIG, seed=9))
+    assert other.built and len(trainings) == 2 and other.directory != data.directory
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_prepare_demo_data_rebuilds_an_incomplete_cache(tmp_path):
+    data = prepare_demo_data(tmp_path, CONFIG)
+    data.cft_paths["test"].unlink()
+    again = prepare_demo_data(tmp_path, CONFIG)
+    assert again.built
+    assert again.records("test") == generate_split(CONFIG, "test")

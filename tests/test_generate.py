@@ -1,0 +1,252 @@
+"""Generation: cached decoding is exact, rows are independent, EOS/stop strings, sampling, HF parity."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cftjax import generate as gen
+from cftjax.model import ModelConfig, Transformer
+
+VOCAB = 64
+NEW_TOKENS = 8
+# Lengths span two prompt buckets (16 and 32) and include a one-token prompt.
+PROMPTS = [[3, 9, 4], list(range(5, 25)), [7], [11, 2, 30, 41, 8, 8, 19]]
+
+
+def tiny_config(scan_layers: bool = True) -> ModelConfig:
+  return ModelConfig(
+      vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+      head_dim=8, intermediate_size=64, scan_layers=scan_layers,
+  )
+
+
+def init_params(config: ModelConfig, seed: int = 0, stddev: float = 0.1):
+  """Random params in the model's layout, drawn with numpy (jit of model.init is slow to compile)."""
+  model = Transformer(config)
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens, tokens + 1))
+  rng = np.random.default_rng(seed)
+  draw = lambda s: rng.normal(0.0, stddev, s.shape) if len(s.shape) > 1 else np.ones(s.shape)
+  return model, jax.tree.map(lambda s: jnp.asarray(draw(s), jnp.float32), shapes["params"])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return init_params(tiny_config())
+
+
+def greedy(n=NEW_TOKENS, **kw):
+  return gen.SamplingConfig(max_new_tokens=n, **kw)
+
+
+SAMPLED = greedy(temperature=1.0, top_p=0.9, seed=3)
+
+
+def reference_greedy(model, params, prompts, num_new):
+  """Repeated full forward passes without a cache, argmax of the last real position."""
+  apply = jax.jit(lambda p, t, pos, seg: model.apply({"params": p}, t, pos, seg)[0])
+  length = max(len(p) for p in prompts) + num_new
+  sequences = [list(p) for p in prompts]
+  for _ in range(num_new):
+    tokens = np.zeros((len(prompts), length), np.int32)
+    segments = np.zeros_like(tokens)
+    positions = np.zeros_like(tokens)
+    for row, seq in enumerate(sequences):  # right padding: causal, so it changes nothing
+      tokens[row, : len(seq)] = seq
+      segments[row, : len(seq)] = 1
+      positions[row, : len(seq)] = np.arange(len(seq))
+    logits = np.asarray(apply(params, tokens, positions, segments))
+    for row, seq in enumerate(sequences):
+      seq.append(int(logits[row, len(seq) - 1].argmax()))
+  return [seq[len(p):] for seq, p in zip(sequences, prompts)]
+
+
+# ------------------------------------------------------------------------------ exactness
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_cached_greedy_equals_full_forward_argmax(scan_layers):
+  model, params = init_params(tiny_config(scan_layers), seed=1)
+  expected = reference_greedy(model, params, PROMPTS, NEW_TOKENS)
+  got = gen.generate(model, params, PROMPTS, greedy(), progress=False)
+  assert got == expected
+  assert all(len(row) == NEW_TOKENS for row in got)
+
+
+def test_row_output_independent_of_batch_neighbours(tiny):
+  model, params = tiny
+  row = [12, 5, 33, 2, 9]
+  # Alone: 11 pad slots in a 1-row batch; mixed: 15 pad slots beside a 20-token prompt.
+  neighbours = [list(range(1, 21)), [17, 3], [8]]
+  alone = gen.generate(model, params, [row], greedy(), progress=False)[0]
+  assert alone == gen.generate(model, params, [row] + neighbours, greedy(), progress=False)[0]
+  # Sampling keys follow the prompt's index, not its batch: index 0 in each call.
+  alone = gen.generate(model, params, [row], SAMPLED, progress=False)[0]
+  mixed = gen.generate(model, params, [row] + neighbours, SAMPLED, progress=False)
+  split = gen.generate(model, params, [row] + neighbours, SAMPLED, batch_size=2, progress=False)
+  assert alone == mixed[0] and mixed == split
+
+
+def test_params_wrapped_in_flax_variables_dict_accepted(tiny):
+  model, params = tiny
+  assert gen.generate(model, {"params": params}, PROMPTS, greedy(), progress=False) == (
+      gen.generate(model, params, PROMPTS, greedy(), progress=False)
+  )
+
+
+# ------------------------------------------------------------------------------ stopping
+def test_eos_stops_each_row_at_its_first_eos(tiny):
+  model, params = tiny
+  free = gen.generate(model, params, PROMPTS, greedy(), progress=False)
+  eos = free[0][3]  # a token row 0 produces mid-way; other rows may or may not produce it
+  eos_ids = (eos, VOCAB - 1)
+  stopped = gen.generate(model, params, PROMPTS, greedy(eos_ids=eos_ids), progress=False)
+  for free_row, stopped_row in zip(free, stopped):
+    cut = next((i for i, t in enumerate(free_row) if t in eos_ids), len(free_row))
+    assert stopped_row == free_row[:cut]
+  assert len(stopped[0]) <= 3
+
+  # The device program keeps the EOS, then pads; the count excludes the EOS.
+  tokens, lengths = gen.left_pad(PROMPTS, 32, pad_id=0)
+  run = gen.compiled_generate_tokens(tiny_config(), NEW_TOKENS, 0.0, 1.0, eos_ids, 0)
+  out, num = (np.asarray(x) for x in run(params, tokens, lengths, gen.row_keys(0, np.arange(4))))
+  first_eos = len(stopped[0])
+  assert num.tolist() == [len(r) for r in stopped]
+  assert out[0, first_eos] in eos_ids and (out[0, first_eos + 1:] == 0).all()
+
+
+def test_all_rows_finishing_at_once_gives_empty_outputs(tiny):
+  model, params = tiny
+  every_token = greedy(eos_ids=tuple(range(VOCAB)))
+  assert gen.generate(model, params, PROMPTS, every_token, progress=False) == [[]] * len(PROMPTS)
+
+
+def test_stop_strings_cut_tokens_on_host(tiny):
+  decode = lambda ids: "".join(chr(ord("a") + i % 26) for i in ids)
+  assert gen.cut_tokens_at_stop_strings([0, 1, 2, 3, 4], decode, ["cd", "zz"]) == [0, 1, 2, 3]
+  assert gen.cut_tokens_at_stop_strings([0, 1, 2], decode, ["zz"]) == [0, 1, 2]
+  assert gen.truncate_at_stop_strings("abcdef", ["de", "bc"]) == "a"
+  assert gen.truncate_at_stop_strings("abc", ["x"]) == "abc"
+
+  model, params = tiny
+  free = gen.generate(model, params, PROMPTS, greedy(), progress=False)
+  stop = decode(free[1][2:4])
+  cut = gen.generate(model, params, PROMPTS, greedy(stop_strings=(stop,)), progress=False, decode=decode)
+  for free_row, cut_row in zip(free, cut):
+    assert cut_row == gen.cut_tokens_at_stop_strings(free_row, decode, [stop])
+  assert stop in decode(cut[1]) and len(cut[1]) <= 4
+  with pytest.raises(ValueError, match="decode"):
+    gen.generate(model, params, PROMPTS, greedy(stop_strings=("x",)), progress=False)
+
+
+# ------------------------------------------------------------------------------ sampling
+def test_sampling_seeded_reproducible_and_top_p_tiny_is_greedy(tiny):
+  model, params = tiny
+  # Near-uniform logits: two seeds agreeing on 4 x 8 draws would be a bug, not luck.
+  model_flat, params_flat = init_params(tiny_config(), seed=2, stddev=0.02)
+  sample = lambda seed: gen.generate(
+      model_flat, params_flat, PROMPTS, dataclasses.replace(SAMPLED, seed=seed), progress=False
+  )
+  assert sample(0) == sample(0)
+  assert sample(0) != sample(1)
+  nucleus_of_one = greedy(temperature=1.0, top_p=1e-6, seed=5)
+  assert gen.generate(model, params, PROMPTS, nucleus_of_one, progress=False) == (
+      gen.generate(model, params, PROMPTS, greedy(), progress=False)
+  )
+
+
+def test_top_p_keeps_only_the_nucleus():
+  logits = jnp.log(jnp.array([[0.2, 0.5, 0.3]]))
+  kept = np.isfinite(np.asarray(jax.jit(gen.top_p_filter, static_argnums=1)(logits, 0.6)))
+  assert kept.tolist() == [[False, True, True]]
+  keys = gen.row_keys(0, np.arange(2000))
+  choose = jax.jit(gen.choose_tokens, static_argnums=(3, 4))
+  draws = np.asarray(choose(jnp.repeat(logits, 2000, axis=0), keys, jnp.int32(0), 1.0, 0.6))
+  assert set(draws.tolist()) == {1, 2}
+  assert 0.55 < (draws == 1).mean() < 0.70  # 0.5 / 0.8 = 0.625 after renormalising
+
+
+# ------------------------------------------------------------------------------ host helpers
+def test_buckets_and_left_padding():
+  assert [gen.bucket_prompt_length(n) for n in (1, 16, 17, 128, 129, 300)] == [16, 16, 32, 128, 256, 384]
+  assert [gen.bucket_batch_size(n, 16) for n in (1, 3, 9, 16)] == [1, 4, 16, 16]
+  assert gen.bucket_batch_size(3, 16, multiple=8) == 8
+  tokens, lengths = gen.left_pad([[1, 2], [3]], 4, pad_id=9)
+  assert tokens.tolist() == [[9, 9, 1, 2], [9, 9, 9, 3]] and lengths.tolist() == [2, 1]
+
+
+def test_bad_input_raises_clear_errors(tiny):
+  model, params = tiny
+  with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
+    gen.generate(model, params, [[1], []], greedy(), progress=False)
+  with pytest.raises(ValueError, match=r"prompts\[0\] has token id 64"):
+    gen.generate(model, params, [[1, 64]], greedy(), progress=False)
+  with pytest.raises(ValueError, match="top_p"):
+    gen.SamplingConfig(max_new_tokens=4, top_p=0.0)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    gen.SamplingConfig(max_new_tokens=0)
+
+
+# ------------------------------------------------------------------------------ HF parity
+def llama_state_dict_to_params(state_dict, config: ModelConfig):
+  """HF LlamaForCausalLM weights -> cftjax params (torch Linear is [out, in])."""
+  w = {k: v.detach().float().numpy() for k, v in state_dict.items()}
+  d, h, kvh, dh = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+
+  def layer(i):
+    p = f"model.layers.{i}."
+    return {
+        "attn": {
+            "q_proj": {"kernel": w[p + "self_attn.q_proj.weight"].T.reshape(d, h, dh)},
+            "k_proj": {"kernel": w[p + "self_attn.k_proj.weight"].T.reshape(d, kvh, dh)},
+            "v_proj": {"kernel": w[p + "self_attn.v_proj.weight"].T.reshape(d, kvh, dh)},
+            "o_proj": {"kernel": w[p + "self_attn.o_proj.weight"].T.reshape(h, dh, d)},
+        },
+        "attn_norm": {"scale": w[p + "input_layernorm.weight"]},
+        "mlp": {
+            "gate_proj": {"kernel": w[p + "mlp.gate_proj.weight"].T},
+            "up_proj": {"kernel": w[p + "mlp.up_proj.weight"].T},
+            "down_proj": {"kernel": w[p + "mlp.down_proj.weight"].T},
+        },
+        "mlp_norm": {"scale": w[p + "post_attention_layernorm.weight"]},
+    }
+
+  layers = [layer(i) for i in range(config.num_layers)]
+  params = {
+      "embed": {"embedding": w["model.embed_tokens.weight"]},
+      "final_norm": {"scale": w["model.norm.weight"]},
+      "lm_head": {"kernel": w["lm_head.weight"].T},
+  }
+  if config.scan_layers:
+    params["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+  else:
+    params.update({f"layers_{i}": l for i, l in enumerate(layers)})
+  return jax.tree.map(jnp.asarray, params)
+
+
+def test_greedy_matches_transformers_generate():
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  hf_config = transformers.LlamaConfig(
+      vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=256,
+      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+      initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=0,
+  )
+  torch.manual_seed(0)
+  hf_model = transformers.LlamaForCausalLM(hf_config).eval()
+  config = tiny_config()
+  params = llama_state_dict_to_params(hf_model.state_dict(), config)
+  prompts, num_new = PROMPTS, NEW_TOKENS  # same shapes as the other tests: no new compile
+  expected = []
+  with torch.no_grad():
+    for prompt in prompts:  # batch 1 each: no HF padding semantics involved
+      ids = torch.tensor([prompt])
+      out = hf_model.generate(
+          ids, attention_mask=torch.ones_like(ids), max_new_tokens=num_new, do_sample=False
+      )
+      expected.append(out[0, len(prompt):].tolist())
+  got = gen.generate(Transformer(config), params, prompts, greedy(num_new), progress=False)
+  assert got == expected
