@@ -5,6 +5,11 @@ are tokenized one by one and concatenated, so the mask lands exactly on the assi
 content and its end token. Piece boundaries sit next to special tokens or newlines, where
 the tokenizers of these families split anyway, so the ids equal tokenizing the whole text
 (tests check this against transformers' `apply_chat_template`).
+
+One deliberate exception: a qwen reply that starts with whitespace holding a newline
+("\nx") would merge with the header's "\n" in whole-text tokenization. We keep the two
+apart, so the ids of every example start with exactly the generation prompt
+(`prompt_ids`), which is what the model is given at inference.
 """
 
 import dataclasses

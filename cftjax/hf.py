@@ -586,6 +586,12 @@ def default_chat_template(family: str, tokenizer_dir: Path) -> str:
   return "plain"
 
 
+def require_empty_dir(out_dir: Path) -> None:
+  """Conversions never mix their output with older files (stale shards, other steps)."""
+  if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    raise FileExistsError(f"output directory {out_dir} exists and is not empty; remove it or pick another")
+
+
 def copy_tokenizer_files(source_dir: Path, out_dir: Path) -> list[str]:
   """Copies the tokenizer/generation files that exist; returns their names."""
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -609,6 +615,7 @@ def import_to_checkpoint(
   family's template.
   """
   hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+  require_empty_dir(out_dir)
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.update(hf_model_config(hf_dir, max_length=config.data.get("max_length")))
   model_config = ModelConfig.from_config(config.model)
@@ -816,6 +823,7 @@ def export_checkpoint(
   the original model's torch_dtype, else the checkpoint's param_dtype.
   """
   checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+  require_empty_dir(out_dir)
   config = checkpoint.load_config(checkpoint_dir, step)
   family = model_config_family(config)
   model_config = ModelConfig.from_config(config.model)

@@ -29,14 +29,14 @@ def get_config():
 
   train = config.train
   train.global_batch_size = 8
-  train.num_steps = 250
+  train.num_steps = 150
   train.log_every = 10
   train.eval_every = 50
   train.eval_batches = 2
 
   optim = config.optim
   optim.learning_rate = 3e-3
-  optim.warmup_steps = 20
+  optim.warmup_steps = 10
   optim.schedule = "cosine"
   optim.end_lr_ratio = 0.1
   optim.weight_decay = 0.01

@@ -1,0 +1,181 @@
+"""Evaluation from checkpoints: load onto the present devices, generate, grade, report.
+
+Tasks
+  demo      the embedded demo's test split: direct-answer accuracy (query -> answer) and
+            critique accuracy (query + noisy response -> verdict)
+  math      a JSONL benchmark; the paper's prompt; last \\boxed{} / "the answer is" /
+            last number; equivalence through math-verify
+  critique  (query, response, label) rows: the model critiques in the CFT format; accuracy,
+            precision / recall / F1 for finding wrong responses, unparseable share
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+
+from cftjax import chat_templates, checkpoint, grading, objectives, sharding
+from cftjax.chat_templates import Turn
+from cftjax.generate import SamplingConfig, generate
+from cftjax.model import ModelConfig, Transformer
+
+TASKS = ("demo", "math", "critique")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  model: Transformer
+  params: Any
+  config: ml_collections.ConfigDict
+  tokenizer: Any
+  mesh: jax.sharding.Mesh
+
+
+def find_tokenizer(config: ml_collections.ConfigDict, checkpoint_dir: Path) -> str:
+  """The run's tokenizer: data.tokenizer, else the checkpoint's own, else the demo's."""
+  from cftjax.data import sources
+
+  if config.data.get("tokenizer"):
+    return config.data.tokenizer
+  for candidate in (checkpoint_dir / "tokenizer", checkpoint_dir.parent / "tokenizer"):
+    if candidate.is_dir():
+      return str(candidate)
+  if config.data.get("source") == "demo":
+    return str(sources.prepare(config.data).tokenizer_path)
+  raise FileNotFoundError(
+      f"no tokenizer for {checkpoint_dir}: its config has no data.tokenizer and there is no "
+      f"{checkpoint_dir / 'tokenizer'} directory"
+  )
+
+
+def load(checkpoint_dir: str | Path, step: int | None = None, mesh_config=None,
+         overrides: dict | None = None) -> LoadedModel:
+  """Restores params onto a mesh over the present devices, whatever mesh trained them."""
+  from cftjax.data import tokenizer as tokenizer_lib
+  from cftjax.train import init_params_fn
+
+  checkpoint_dir = Path(checkpoint_dir)
+  config = checkpoint.load_config(checkpoint_dir, step)
+  for key, value in (overrides or {}).items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  mesh = sharding.make_mesh(mesh_config or ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
+  model = Transformer(ModelConfig.from_config(config.model))
+  abstract, shardings = sharding.abstract_params_and_shardings(init_params_fn(model, 0), mesh)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  params = checkpoint.load_params(checkpoint_dir, target, step)
+  tokenizer = tokenizer_lib.load_tokenizer(find_tokenizer(config, checkpoint_dir))
+  return LoadedModel(model, params, config, tokenizer, mesh)
+
+
+# ------------------------------------------------------------------------------ prompts
+def _prompt(context: Sequence[Turn], loaded: LoadedModel) -> list[int]:
+  data = loaded.config.data
+  return chat_templates.prompt_ids(context, data.chat_template, loaded.tokenizer, data.get("system_prompt") or None)
+
+
+def answer_prompt(question: str, loaded: LoadedModel, system: str = "") -> list[int]:
+  context = ([Turn("system", system)] if system else []) + [Turn("user", question)]
+  return _prompt(context, loaded)
+
+
+def critique_prompt(question: str, response: str, loaded: LoadedModel) -> list[int]:
+  return _prompt([Turn("user", objectives.cft_user_text(question, response))], loaded)
+
+
+def _generate(loaded: LoadedModel, prompts: list[list[int]], sampling: SamplingConfig, batch_size: int,
+              progress: bool) -> list[str]:
+  outputs = generate(loaded.model, loaded.params, prompts, sampling, batch_size=batch_size, mesh=loaded.mesh,
+                     progress=progress, decode=loaded.tokenizer.decode)
+  return [loaded.tokenizer.decode(ids) for ids in outputs]
+
+
+def sampling_for(loaded: LoadedModel, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0) -> SamplingConfig:
+  stop_ids = tuple(getattr(loaded.tokenizer, "stop_ids", ()) or (loaded.tokenizer.eos_id,))
+  for special in ("<|im_end|>", "<|eot_id|>"):
+    token = loaded.tokenizer.token_to_id(special)
+    if token is not None and token not in stop_ids:
+      stop_ids += (token,)
+  return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                        eos_ids=stop_ids, pad_id=loaded.tokenizer.pad_id)
+
+
+# ------------------------------------------------------------------------------ tasks
+def critique_rows(examples: Sequence[dict], outputs: Sequence[str]) -> tuple[list[dict], dict]:
+  verdicts = [grading.parse_verdict(o) for o in outputs]
+  rows = [dict(ex, output=o, verdict=v, correct=v == ex["label"]) for ex, o, v in zip(examples, outputs, verdicts)]
+  return rows, grading.critique_scores(verdicts, [ex["label"] for ex in examples])
+
+
+def answer_rows(examples: Sequence[dict], outputs: Sequence[str]) -> tuple[list[dict], dict]:
+  rows = []
+  for ex, output in zip(examples, outputs):
+    predicted = grading.extract_answer(output)
+    rows.append(dict(ex, output=output, extracted=predicted, correct=grading.answers_match(predicted, ex["answer"])))
+  return rows, grading.math_scores([r["correct"] for r in rows])
+
+
+def run_demo(loaded: LoadedModel, sampling: SamplingConfig, batch_size: int, limit: int | None,
+             progress: bool = True, split: str = "test") -> tuple[dict[str, list[dict]], dict]:
+  from cftjax.data import sources
+
+  records = sources.prepare(loaded.config.data).records(split, "cft")[:limit]
+  answer_examples = [{"id": i, "question": r["query"], "answer": r["answer"]} for i, r in enumerate(records)]
+  answer_out = _generate(loaded, [answer_prompt(r["query"], loaded) for r in records], sampling, batch_size, progress)
+  answers, answer_summary = answer_rows(answer_examples, answer_out)
+  critique_examples = [{"id": i, "question": r["query"], "response": r["response"], "label": r["label"]}
+                       for i, r in enumerate(records)]
+  critique_out = _generate(loaded, [critique_prompt(r["query"], r["response"], loaded) for r in records],
+                           sampling, batch_size, progress)
+  critiques, critique_summary = critique_rows(critique_examples, critique_out)
+  summary = {"answer_accuracy": answer_summary["accuracy"], **{f"critique_{k}": v for k, v in critique_summary.items()}}
+  return {"answers": answers, "critiques": critiques}, summary
+
+
+def run_math(loaded: LoadedModel, data_path: str, sampling, batch_size, limit, progress=True):
+  from cftjax import eval_data
+
+  examples = eval_data.load_eval_file(data_path, "math")[:limit]
+  prompts = [answer_prompt(eval_data.math_user_text(e.question), loaded, eval_data.MATH_SYSTEM_PROMPT) for e in examples]
+  outputs = _generate(loaded, prompts, sampling, batch_size, progress)
+  rows, summary = answer_rows([{"id": e.id, "question": e.question, "answer": e.reference} for e in examples], outputs)
+  return {"math": rows}, summary
+
+
+def run_critique(loaded: LoadedModel, data_path: str, sampling, batch_size, limit, progress=True):
+  from cftjax import eval_data
+
+  examples = eval_data.load_eval_file(data_path, "critique")[:limit]
+  prompts = [critique_prompt(e.question, e.response, loaded) for e in examples]
+  outputs = _generate(loaded, prompts, sampling, batch_size, progress)
+  rows, summary = critique_rows(
+      [{"id": e.id, "question": e.question, "response": e.response, "label": e.label} for e in examples], outputs
+  )
+  return {"critiques": rows}, summary
+
+
+def write_results(out_dir: str | Path, task: str, rows_by_name: dict[str, list[dict]], summary: dict) -> Path:
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  for name, rows in rows_by_name.items():
+    with open(out / f"{task}_{name}.jsonl", "w") as f:
+      for row in rows:
+        f.write(json.dumps(row) + "\n")
+  (out / f"{task}_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  return out
+
+
+def format_summary(task: str, summary: dict) -> str:
+  width = max(len(k) for k in summary)
+  lines = [f"{task} evaluation", "-" * (width + 14)]
+  for key, value in summary.items():
+    shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+    lines.append(f"{key:<{width}}  {shown:>10}")
+  return "\n".join(lines)
