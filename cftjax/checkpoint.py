@@ -127,10 +127,7 @@ def load_params(directory: str | Path, abstract_params: Any, step: int | None = 
   if (step_dir / "state").is_dir():
     # Restore only the params subtree of a train state; skip optimizer moments.
     with ocp.CheckpointManager(root.absolute(), item_names=("state",)) as manager:
-      meta = manager.item_metadata(step)["state"]
-      target = jax.tree.map(lambda m: m, dict(meta))
-      target = {k: None for k in target}
-      target["params"] = abstract_params
+      target = {"params": abstract_params}
       restored = manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
               item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),

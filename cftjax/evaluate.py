@@ -179,3 +179,12 @@ def format_summary(task: str, summary: dict) -> str:
     shown = f"{value:.4f}" if isinstance(value, float) else str(value)
     lines.append(f"{key:<{width}}  {shown:>10}")
   return "\n".join(lines)
+
+
+def demo_generation_metrics(model, params, config, tokenizer, mesh, limit: int, max_new_tokens: int = 384) -> dict:
+  """In-training generation metric on the demo's validation split (greedy)."""
+  loaded = LoadedModel(model, params, config, tokenizer, mesh)
+  sampling = sampling_for(loaded, max_new_tokens)
+  _, summary = run_demo(loaded, sampling, batch_size=max(limit, 1), limit=limit, progress=False, split="validation")
+  return {"val_answer_accuracy": summary["answer_accuracy"], "val_critique_accuracy": summary["critique_accuracy"],
+          "val_critique_f1": summary["critique_f1"]}

@@ -199,7 +199,10 @@ def generate_tokens(
   cache["k"] = nn.with_logical_constraint(cache["k"], cache_axes)
   cache["v"] = nn.with_logical_constraint(cache["v"], cache_axes)
 
-  logits_BxPxV, cache = model.apply(variables, prompt_tokens_BxP, positions_BxP, segment_ids_BxP, cache)
+  # Pad slots are masked out, but they still pass through the model: feed token 0 there so
+  # a pad_id outside the vocabulary cannot turn them into NaN (0 * NaN leaks through).
+  model_tokens_BxP = jnp.where(segment_ids_BxP == 1, prompt_tokens_BxP, 0)
+  logits_BxPxV, cache = model.apply(variables, model_tokens_BxP, positions_BxP, segment_ids_BxP, cache)
   first_B = choose_tokens(logits_BxPxV[:, -1], rng_B, jnp.int32(0), temperature, top_p)
   done_B = _is_eos(first_B, eos_ids)
   out_BxN = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_B)
@@ -214,7 +217,8 @@ def generate_tokens(
     # `step` = tokens produced so far; the last one is fed at its row's next position.
     step, cache, last_B, done_B, out_BxN, num_tokens_B = state
     positions_Bx1 = (prompt_lengths_B + step - 1)[:, None]
-    logits_Bx1xV, cache = model.apply(variables, last_B[:, None], positions_Bx1, ones_Bx1, cache)
+    fed_B = jnp.where(done_B, 0, last_B)  # finished rows hold pad_id: keep it out of the model
+    logits_Bx1xV, cache = model.apply(variables, fed_B[:, None], positions_Bx1, ones_Bx1, cache)
     new_B = choose_tokens(logits_Bx1xV[:, 0], rng_B, step, temperature, top_p)
     new_B = jnp.where(done_B, pad_id, new_B)
     out_BxN = jax.lax.dynamic_update_slice_in_dim(out_BxN, new_B[:, None], step, axis=1)
@@ -235,19 +239,49 @@ def compiled_generate_tokens(
     top_p: float,
     eos_ids: tuple[int, ...],
     pad_id: int,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[..., tuple[Array, Array]]:
-  """jit of `generate_tokens` per (model config, settings); jit itself caches per shape."""
-  return jax.jit(
-      functools.partial(
-          generate_tokens,
-          model=Transformer(config),
-          max_new_tokens=max_new_tokens,
-          temperature=float(temperature),
-          top_p=float(top_p),
-          eos_ids=eos_ids,
-          pad_id=pad_id,
-      )
+  """jit of `generate_tokens` per (model config, settings, mesh); jit caches per shape.
+
+  With a mesh the program is traced under the mesh and the logical axis rules, so the
+  model's activation constraints (batch over data x fsdp, heads over tensor) apply.
+  """
+  body = functools.partial(
+      generate_tokens,
+      model=Transformer(config),
+      max_new_tokens=max_new_tokens,
+      temperature=float(temperature),
+      top_p=float(top_p),
+      eos_ids=eos_ids,
+      pad_id=pad_id,
   )
+  if mesh is None:
+    return jax.jit(body)
+
+  def with_rules(*args):
+    with nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
+      return body(*args)
+
+  jitted = jax.jit(with_rules)
+
+  def on_mesh(*args):
+    with jax.set_mesh(mesh):
+      return jitted(*args)
+
+  return on_mesh
+
+
+def _to_host(x: Array) -> np.ndarray:
+  """A (possibly multi-process) global array as one numpy array on every host."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def _place_rows(x: np.ndarray, mesh: jax.sharding.Mesh) -> Array:
+  """Every process holds the whole batch; each device takes its rows of it."""
+  return jax.make_array_from_callback(x.shape, sharding_lib.batch_sharding(mesh), lambda index: x[index])
 
 
 # ------------------------------------------------------------------------------ stop strings
@@ -337,7 +371,7 @@ def generate(
     row_multiple = int(np.prod([mesh.shape[a] for a in sharding_lib.BATCH_AXES]))
   run = compiled_generate_tokens(
       config, int(sampling.max_new_tokens), float(sampling.temperature),
-      float(sampling.top_p), sampling.eos_ids, int(sampling.pad_id),
+      float(sampling.top_p), sampling.eos_ids, int(sampling.pad_id), mesh,
   )
 
   order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -351,14 +385,10 @@ def generate(
     batch_indices = np.array(indices + [indices[0]] * (rows - len(indices)), np.int64)
     length = bucket_prompt_length(max(len(p) for p in batch_prompts))
     tokens_BxP, lengths_B = left_pad(batch_prompts, length, sampling.pad_id)
-    inputs = (tokens_BxP, lengths_B, row_keys(sampling.seed, batch_indices))
-    if mesh is None:
-      out_BxN, num_B = run(params, *inputs)
-    else:
-      placed = jax.device_put(inputs, sharding_lib.batch_sharding(mesh))
-      with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
-        out_BxN, num_B = run(params, *placed)
-    out_BxN, num_B = np.asarray(jax.device_get(out_BxN)), np.asarray(jax.device_get(num_B))
+    inputs = (tokens_BxP, lengths_B, np.asarray(row_keys(sampling.seed, batch_indices)))
+    if mesh is not None:
+      inputs = tuple(_place_rows(x, mesh) for x in inputs)
+    out_BxN, num_B = (_to_host(x) for x in run(params, *inputs))
     for row, index in enumerate(indices):
       new_tokens = out_BxN[row, : num_B[row]].tolist()
       if sampling.stop_strings:

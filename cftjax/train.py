@@ -6,7 +6,7 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -23,6 +23,7 @@ from cftjax.data import pipeline
 from cftjax.data import sources as sources_lib
 from cftjax.model import ModelConfig, Transformer
 
+PER_SOURCE_KEYS = ("loss_by_source", "tokens_by_source")  # arrays over data.mixture's sources
 BATCH_KEYS = ("inputs", "positions", "segment_ids", "targets", "weights", "objective_ids", "source_ids")
 
 
@@ -124,6 +125,8 @@ def train_step(state, batch, *, model, tx, schedule, accum: int, num_sources: in
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   out = objectives.mean_losses(sums)
+  if num_sources:
+    out["tokens_by_source"] = sums["weight_sum_by_source"]
   out.update(grad_norm=grad_norm, learning_rate=schedule(state["step"]), param_norm=optax.global_norm(params))
   new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
   return new_state, out
@@ -227,19 +230,33 @@ def _validation_loss(steps, params, config, sources, tokenizer_path, rows, mesh,
     arrays = sharding.host_batch_to_global(pipeline.model_inputs(pipeline.pad_rows(batch, rows)), mesh)
     sums = jax.device_get(steps.eval(params, arrays))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-  means = jax.tree.map(float, jax.device_get(objectives.mean_losses(totals)))
-  out = {"val_loss": means["loss"]}
+  means = jax.device_get(objectives.mean_losses(totals))
+  means["tokens_by_source"] = totals.get("weight_sum_by_source", [])
+  out = {"val_loss": float(means["loss"])}
   for name in objectives.OBJECTIVES:
     if means[f"tokens_{name}"] > 0:
-      out[f"val_loss_{name}"] = means[f"loss_{name}"]
+      out[f"val_loss_{name}"] = float(means[f"loss_{name}"])
+  out.update(_per_source(sources, means, "val_loss_source/"))
   return out
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
-  """Trains (or resumes) per `config`, writing checkpoints and metrics under workdir."""
+def _per_source(sources, means: dict, prefix: str) -> dict[str, float]:
+  """Loss per mixture source, for the sources present (an absent one has no loss, not 0)."""
+  return {
+      f"{prefix}{source.name}": float(loss)
+      for source, loss, tokens in zip(sources, means.get("loss_by_source", []), means.get("tokens_by_source", []))
+      if tokens > 0
+  }
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequence[jax.Device] | None = None) -> RunResult:
+  """Trains (or resumes) per `config`, writing checkpoints and metrics under workdir.
+
+  `devices` (default: all) is what the mesh spans, e.g. one of several simulated devices.
+  """
   workdir = Path(workdir)
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   rows = sharding.batch_size_per_process(config.train.global_batch_size, mesh)
   accum = int(config.train.grad_accum_steps)
   per_device = config.train.global_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
@@ -306,16 +323,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> RunResult:
     step_time = elapsed / len(pending)
     tokens_per_second = window_tokens / elapsed if elapsed > 0 else 0.0
     for (step, _, host), device_metrics in zip(pending, fetched):
-      m = {k: v for k, v in device_metrics.items() if k != "loss_by_source"}
-      m = {k: float(v) for k, v in m.items()}
-      for source, value in zip(train_sources, device_metrics["loss_by_source"]):
-        m[f"loss_source/{source.name}"] = float(value)
+      m = {k: float(v) for k, v in device_metrics.items() if k not in PER_SOURCE_KEYS}
+      m.update(_per_source(train_sources, device_metrics, "loss_source/"))
       m.update(host, step_time=step_time, tokens_per_second=tokens_per_second,
                mfu=metrics_lib.mfu(tokens_per_second, flops_per_token, jax.device_count()))
-      if not math.isfinite(m["loss"]):
+      # A non-finite gradient poisons the parameters this step wrote, even at a finite loss.
+      bad = [f"{k} is {m[k]}" for k in ("loss", "grad_norm") if not math.isfinite(m[k])]
+      if bad:
         writer.write(step, m)
         raise TrainingStopped(
-            f"loss is {m['loss']} at step {step}: stopping; the last good checkpoint "
+            f"{' and '.join(bad)} at step {step}: stopping without saving; the last good checkpoint "
             f"({workdir / 'checkpoints'}, step {manager.latest_step()}) is intact"
         )
       writer.write(step, m)

@@ -5,10 +5,12 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from cftjax import generate as gen
+from cftjax import hf, sharding
 from cftjax.model import ModelConfig, Transformer
 
 VOCAB = 64
@@ -43,7 +45,15 @@ def greedy(n=NEW_TOKENS, **kw):
   return gen.SamplingConfig(max_new_tokens=n, **kw)
 
 
+def make_mesh(data: int = 1, tensor: int = 1):
+  devices = jax.devices()[: data * tensor]
+  if len(devices) < data * tensor:
+    pytest.skip(f"needs {data * tensor} devices (tests/conftest.py simulates 8 CPU devices)")
+  return sharding.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=1, tensor=tensor)), devices)
+
+
 SAMPLED = greedy(temperature=1.0, top_p=0.9, seed=3)
+choose = jax.jit(gen.choose_tokens, static_argnums=(3, 4))
 
 
 def reference_greedy(model, params, prompts, num_new):
@@ -82,11 +92,10 @@ def test_row_output_independent_of_batch_neighbours(tiny):
   neighbours = [list(range(1, 21)), [17, 3], [8]]
   alone = gen.generate(model, params, [row], greedy(), progress=False)[0]
   assert alone == gen.generate(model, params, [row] + neighbours, greedy(), progress=False)[0]
-  # Sampling keys follow the prompt's index, not its batch: index 0 in each call.
-  alone = gen.generate(model, params, [row], SAMPLED, progress=False)[0]
+  # Sampling keys follow the prompt's index, not its batch: one batch or two give the same.
   mixed = gen.generate(model, params, [row] + neighbours, SAMPLED, progress=False)
   split = gen.generate(model, params, [row] + neighbours, SAMPLED, batch_size=2, progress=False)
-  assert alone == mixed[0] and mixed == split
+  assert mixed == split
 
 
 def test_params_wrapped_in_flax_variables_dict_accepted(tiny):
@@ -96,31 +105,42 @@ def test_params_wrapped_in_flax_variables_dict_accepted(tiny):
   )
 
 
+def test_mesh_sharded_generation_equals_single_device(tiny):
+  model, params = tiny
+  mesh = make_mesh(data=2, tensor=2)
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens, tokens + 1)
+  shardings = sharding.logical_to_shardings(nn.get_partition_spec(boxed), mesh)["params"]
+  placed = jax.device_put(params, shardings)
+  # Three prompts: the batch is padded to a multiple of the 2 data shards.
+  on_mesh = gen.generate(model, placed, PROMPTS[:3], greedy(), mesh=mesh, progress=False)
+  assert on_mesh == gen.generate(model, params, PROMPTS, greedy(), progress=False)[:3]
+
+
 # ------------------------------------------------------------------------------ stopping
 def test_eos_stops_each_row_at_its_first_eos(tiny):
   model, params = tiny
   free = gen.generate(model, params, PROMPTS, greedy(), progress=False)
   eos = free[0][3]  # a token row 0 produces mid-way; other rows may or may not produce it
-  eos_ids = (eos, VOCAB - 1)
-  stopped = gen.generate(model, params, PROMPTS, greedy(eos_ids=eos_ids), progress=False)
+  eos_ids, pad_id = (eos, 0), VOCAB + 100  # a pad id outside the vocabulary is harmless
+  stopped = gen.generate(model, params, PROMPTS, greedy(eos_ids=eos_ids, pad_id=pad_id), progress=False)
   for free_row, stopped_row in zip(free, stopped):
     cut = next((i for i, t in enumerate(free_row) if t in eos_ids), len(free_row))
     assert stopped_row == free_row[:cut]
   assert len(stopped[0]) <= 3
 
   # The device program keeps the EOS, then pads; the count excludes the EOS.
-  tokens, lengths = gen.left_pad(PROMPTS, 32, pad_id=0)
-  run = gen.compiled_generate_tokens(tiny_config(), NEW_TOKENS, 0.0, 1.0, eos_ids, 0)
+  tokens, lengths = gen.left_pad(PROMPTS, 32, pad_id=pad_id)
+  run = gen.compiled_generate_tokens(tiny_config(), NEW_TOKENS, 0.0, 1.0, eos_ids, pad_id)
   out, num = (np.asarray(x) for x in run(params, tokens, lengths, gen.row_keys(0, np.arange(4))))
   first_eos = len(stopped[0])
   assert num.tolist() == [len(r) for r in stopped]
-  assert out[0, first_eos] in eos_ids and (out[0, first_eos + 1:] == 0).all()
+  assert out[0, first_eos] in eos_ids and (out[0, first_eos + 1:] == pad_id).all()
 
-
-def test_all_rows_finishing_at_once_gives_empty_outputs(tiny):
-  model, params = tiny
-  every_token = greedy(eos_ids=tuple(range(VOCAB)))
-  assert gen.generate(model, params, PROMPTS, every_token, progress=False) == [[]] * len(PROMPTS)
+  # A zero head ties every logit, so argmax picks token 0 = EOS: all rows end at once.
+  zero_head = {**params, "lm_head": {"kernel": jnp.zeros_like(params["lm_head"]["kernel"])}}
+  out, num = (np.asarray(x) for x in run(zero_head, tokens, lengths, gen.row_keys(0, np.arange(4))))
+  assert num.tolist() == [0] * 4 and (out[:, 0] == 0).all() and (out[:, 1:] == pad_id).all()
 
 
 def test_stop_strings_cut_tokens_on_host(tiny):
@@ -142,19 +162,14 @@ def test_stop_strings_cut_tokens_on_host(tiny):
 
 
 # ------------------------------------------------------------------------------ sampling
-def test_sampling_seeded_reproducible_and_top_p_tiny_is_greedy(tiny):
-  model, params = tiny
+def test_sampling_is_seeded_and_reproducible():
   # Near-uniform logits: two seeds agreeing on 4 x 8 draws would be a bug, not luck.
-  model_flat, params_flat = init_params(tiny_config(), seed=2, stddev=0.02)
+  model, params = init_params(tiny_config(), seed=2, stddev=0.02)
   sample = lambda seed: gen.generate(
-      model_flat, params_flat, PROMPTS, dataclasses.replace(SAMPLED, seed=seed), progress=False
+      model, params, PROMPTS, dataclasses.replace(SAMPLED, seed=seed), progress=False
   )
   assert sample(0) == sample(0)
   assert sample(0) != sample(1)
-  nucleus_of_one = greedy(temperature=1.0, top_p=1e-6, seed=5)
-  assert gen.generate(model, params, PROMPTS, nucleus_of_one, progress=False) == (
-      gen.generate(model, params, PROMPTS, greedy(), progress=False)
-  )
 
 
 def test_top_p_keeps_only_the_nucleus():
@@ -162,10 +177,24 @@ def test_top_p_keeps_only_the_nucleus():
   kept = np.isfinite(np.asarray(jax.jit(gen.top_p_filter, static_argnums=1)(logits, 0.6)))
   assert kept.tolist() == [[False, True, True]]
   keys = gen.row_keys(0, np.arange(2000))
-  choose = jax.jit(gen.choose_tokens, static_argnums=(3, 4))
   draws = np.asarray(choose(jnp.repeat(logits, 2000, axis=0), keys, jnp.int32(0), 1.0, 0.6))
   assert set(draws.tolist()) == {1, 2}
   assert 0.55 < (draws == 1).mean() < 0.70  # 0.5 / 0.8 = 0.625 after renormalising
+
+
+def test_top_p_matches_sorted_cumulative_definition_and_tiny_top_p_is_greedy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(0.0, rng.uniform(0.1, 5.0, (64, 1)), (64, 100)).astype(np.float32)
+  top_ps = rng.uniform(0.01, 1.0, 64)
+  nucleus = jax.jit(jax.vmap(lambda l, p: gen.top_p_filter(l[None], p)[0]))
+  kept = np.isfinite(np.asarray(nucleus(logits, top_ps.astype(np.float32))))
+  for row, top_p in zip(range(64), top_ps):
+    order = np.argsort(-logits[row], kind="stable")
+    probs = np.asarray(jax.nn.softmax(logits[row]))[order]
+    size = int(np.sum(np.cumsum(probs) - probs < top_p))
+    assert set(np.flatnonzero(kept[row])) == set(order[:size].tolist()), row
+  draws = choose(logits, gen.row_keys(1, np.arange(64)), jnp.int32(3), 1.0, 1e-6)
+  assert np.asarray(draws).tolist() == logits.argmax(-1).tolist()
 
 
 # ------------------------------------------------------------------------------ host helpers
@@ -190,43 +219,7 @@ def test_bad_input_raises_clear_errors(tiny):
 
 
 # ------------------------------------------------------------------------------ HF parity
-def llama_state_dict_to_params(state_dict, config: ModelConfig):
-  """HF LlamaForCausalLM weights -> cftjax params (torch Linear is [out, in])."""
-  w = {k: v.detach().float().numpy() for k, v in state_dict.items()}
-  d, h, kvh, dh = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-
-  def layer(i):
-    p = f"model.layers.{i}."
-    return {
-        "attn": {
-            "q_proj": {"kernel": w[p + "self_attn.q_proj.weight"].T.reshape(d, h, dh)},
-            "k_proj": {"kernel": w[p + "self_attn.k_proj.weight"].T.reshape(d, kvh, dh)},
-            "v_proj": {"kernel": w[p + "self_attn.v_proj.weight"].T.reshape(d, kvh, dh)},
-            "o_proj": {"kernel": w[p + "self_attn.o_proj.weight"].T.reshape(h, dh, d)},
-        },
-        "attn_norm": {"scale": w[p + "input_layernorm.weight"]},
-        "mlp": {
-            "gate_proj": {"kernel": w[p + "mlp.gate_proj.weight"].T},
-            "up_proj": {"kernel": w[p + "mlp.up_proj.weight"].T},
-            "down_proj": {"kernel": w[p + "mlp.down_proj.weight"].T},
-        },
-        "mlp_norm": {"scale": w[p + "post_attention_layernorm.weight"]},
-    }
-
-  layers = [layer(i) for i in range(config.num_layers)]
-  params = {
-      "embed": {"embedding": w["model.embed_tokens.weight"]},
-      "final_norm": {"scale": w["model.norm.weight"]},
-      "lm_head": {"kernel": w["lm_head.weight"].T},
-  }
-  if config.scan_layers:
-    params["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
-  else:
-    params.update({f"layers_{i}": l for i, l in enumerate(layers)})
-  return jax.tree.map(jnp.asarray, params)
-
-
-def test_greedy_matches_transformers_generate():
+def test_greedy_matches_transformers_generate(tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   hf_config = transformers.LlamaConfig(
@@ -237,16 +230,16 @@ def test_greedy_matches_transformers_generate():
   )
   torch.manual_seed(0)
   hf_model = transformers.LlamaForCausalLM(hf_config).eval()
-  config = tiny_config()
-  params = llama_state_dict_to_params(hf_model.state_dict(), config)
-  prompts, num_new = PROMPTS, NEW_TOKENS  # same shapes as the other tests: no new compile
+  hf_model.save_pretrained(tmp_path)
+  config = tiny_config()  # the same architecture; import_params checks it against config.json
+  params = hf.import_params(tmp_path, config, make_mesh())
   expected = []
   with torch.no_grad():
-    for prompt in prompts:  # batch 1 each: no HF padding semantics involved
+    for prompt in PROMPTS:  # batch 1 each: no HF padding semantics involved
       ids = torch.tensor([prompt])
       out = hf_model.generate(
-          ids, attention_mask=torch.ones_like(ids), max_new_tokens=num_new, do_sample=False
+          ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False
       )
       expected.append(out[0, len(prompt):].tolist())
-  got = gen.generate(Transformer(config), params, prompts, greedy(num_new), progress=False)
-  assert got == expected
+  # One left-padded batch on our side (same shapes as the other tests: no new compile).
+  assert gen.generate(Transformer(config), params, PROMPTS, greedy(), progress=False) == expected

@@ -1,0 +1,227 @@
+"""Mesh from config, sharded init and the sharded train step.
+
+The promise tested here: the same config trains the same model on one device and on a
+data x fsdp x tensor mesh. Starting from the same seed, the sharded train step gives the
+loss and updated parameters of the single-device step within float32 tolerance, and the
+parameters and optimizer state really are split over the mesh.
+"""
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import optax
+
+from cftjax import optim, sharding, train
+from cftjax.model import ModelConfig, Transformer
+from configs import base
+
+MODEL_CONFIG = ModelConfig(
+    vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+    intermediate_size=64, qkv_bias=True,
+)
+ROWS, LENGTH, NUM_SOURCES, NUM_STEPS = 8, 16, 2, 2
+MESHES = {
+    "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2),
+    "fsdp4_tensor2": dict(data=1, fsdp=4, tensor=2),
+}
+
+
+def mesh_config(**sizes) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, **sizes})
+
+
+def packed_batch(seed: int) -> dict[str, np.ndarray]:
+  """Rows of 1-3 packed examples plus padding, mixed objectives and sources."""
+  rng = np.random.default_rng(seed)
+  batch = {k: np.zeros((ROWS, LENGTH), np.int32) for k in train.BATCH_KEYS}
+  batch["weights"] = np.zeros((ROWS, LENGTH), np.float32)
+  for row in range(ROWS):
+    start = 0
+    for segment in range(1, rng.integers(1, 4) + 1):
+      length = int(rng.integers(3, 7))
+      if start + length > LENGTH:
+        break
+      span = slice(start, start + length)
+      batch["inputs"][row, span] = rng.integers(1, MODEL_CONFIG.vocab_size, length)
+      batch["targets"][row, span] = rng.integers(1, MODEL_CONFIG.vocab_size, length)
+      batch["positions"][row, span] = np.arange(length)
+      batch["segment_ids"][row, span] = segment
+      batch["weights"][row, span] = rng.random(length) < 0.7
+      batch["objective_ids"][row, span] = rng.integers(0, 2)
+      batch["source_ids"][row, span] = rng.integers(0, NUM_SOURCES)
+      start += length
+  return batch
+
+
+def optimizer():
+  optim_config = base.get_config().optim
+  optim_config.learning_rate = 1e-3  # float32 noise in Adam's update scales with lr
+  optim_config.warmup_steps = 0
+  optim_config.weight_decay = 0.1
+  optim_config.grad_clip_norm = 0.5  # below the first gradient norm: clipping is active
+  return optim.make_optimizer(optim_config, num_steps=10)
+
+
+def run_steps(mesh, params=None) -> dict:
+  """Init (from the seed, or from host `params`) and NUM_STEPS train steps on `mesh`."""
+  model = Transformer(MODEL_CONFIG)
+  tx, schedule = optimizer()
+  layout = train.state_layout(model, tx, mesh, seed=0)
+  state = train.init_state(model, tx, mesh, 0, layout, params)
+  initial = jax.device_get(state["params"])
+  steps = train.compile_steps(model, tx, schedule, mesh, layout, accum=1, num_sources=NUM_SOURCES)
+  metrics = []
+  for i in range(NUM_STEPS):
+    state, step_metrics = steps.train(state, sharding.host_batch_to_global(packed_batch(i), mesh))
+    metrics.append(jax.device_get(step_metrics))
+  return {"initial": initial, "state": state, "params": jax.device_get(state["params"]),
+          "metrics": metrics, "layout": layout}
+
+
+@pytest.fixture(scope="module")
+def single_device():
+  return run_steps(sharding.make_mesh(mesh_config(), jax.devices()[:1]))
+
+
+@pytest.fixture(scope="module", params=sorted(MESHES))
+def sharded(request, single_device):
+  assert jax.device_count() == 8, "tests/conftest.py sets 8 simulated CPU devices"
+  mesh = sharding.make_mesh(mesh_config(**MESHES[request.param]))
+  # One mesh initialises from the seed (the real path: never materialised on one host),
+  # the other from the single-device parameters (the init_from path).
+  from_seed = request.param == "data2_fsdp2_tensor2"
+  result = run_steps(mesh, None if from_seed else single_device["initial"])
+  result.update(mesh=mesh, from_seed=from_seed)
+  return result
+
+
+def assert_trees_close(actual, expected, rtol, atol):
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(expected)]
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for path, a, e in zip(paths, jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, e, rtol=rtol, atol=atol, err_msg=path)
+
+
+# ------------------------------------------------------------------------------ mesh_shape
+@pytest.mark.parametrize(
+    "sizes, devices, expected",
+    [
+        (dict(data=-1), 8, (8, 1, 1)),
+        (dict(data=-1, fsdp=2, tensor=2), 8, (2, 2, 2)),
+        (dict(data=2, fsdp=-1, tensor=2), 8, (2, 2, 2)),
+        (dict(data=1, fsdp=4, tensor=-1), 8, (1, 4, 2)),
+        (dict(data=1, fsdp=1, tensor=1), 1, (1, 1, 1)),
+        (dict(data=-1), 1, (1, 1, 1)),
+    ],
+)
+def test_mesh_shape_resolves_minus_one_to_the_remaining_devices(sizes, devices, expected):
+  assert sharding.mesh_shape(mesh_config(**sizes), devices) == expected
+
+
+@pytest.mark.parametrize(
+    "sizes, devices, message",
+    [
+        (dict(data=-1, fsdp=-1), 8, "at most one axis may be -1"),
+        (dict(data=0), 8, "positive or -1"),
+        (dict(fsdp=-2), 8, "positive or -1"),
+        (dict(data=-1, fsdp=3), 8, "not divisible"),
+        (dict(data=2, fsdp=2, tensor=1), 8, "needs 4 devices but 8 are present"),
+        (dict(data=4, fsdp=4), 8, "needs 16 devices"),
+    ],
+)
+def test_mesh_shape_rejects_bad_configs_naming_the_keys(sizes, devices, message):
+  with pytest.raises(ValueError, match=message) as error:
+    sharding.mesh_shape(mesh_config(**sizes), devices)
+  assert "mesh." in str(error.value)
+
+
+def test_make_mesh_has_named_auto_axes_over_the_given_devices():
+  mesh = sharding.make_mesh(mesh_config(data=-1, fsdp=2, tensor=2))
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+  single = sharding.make_mesh(mesh_config(data=-1), jax.devices()[:1])
+  assert single.devices.size == 1
+
+
+def test_batch_size_per_process_needs_rows_divisible_by_data_times_fsdp():
+  mesh = sharding.make_mesh(mesh_config(data=2, fsdp=2, tensor=2))
+  assert sharding.batch_size_per_process(8, mesh) == 8  # one process holds all rows
+  with pytest.raises(ValueError, match="train.global_batch_size=6 must be divisible by mesh data x fsdp = 4"):
+    sharding.batch_size_per_process(6, mesh)
+
+
+def test_host_batch_is_split_over_data_and_fsdp_and_keeps_sequences_whole():
+  mesh = sharding.make_mesh(mesh_config(data=2, fsdp=2, tensor=2))
+  batch = sharding.host_batch_to_global(packed_batch(0), mesh)
+  for name, array in batch.items():
+    assert array.sharding.spec == P(("data", "fsdp")), name
+    assert array.addressable_shards[0].data.shape == (ROWS // 4, LENGTH), name
+    np.testing.assert_array_equal(np.asarray(array), packed_batch(0)[name])
+
+
+def test_shardings_like_params_gives_adam_moments_the_param_shardings():
+  mesh = sharding.make_mesh(mesh_config(data=2, fsdp=2, tensor=2))
+  params = {"a": {"kernel": np.zeros((4, 8))}, "norm": {"scale": np.zeros((4,))}}
+  param_shardings = {"a": {"kernel": NamedSharding(mesh, P("fsdp", "tensor"))},
+                     "norm": {"scale": NamedSharding(mesh, P("fsdp"))}}
+  tx = optax.adam(1e-3)
+  opt_state = jax.eval_shape(tx.init, params)
+  got = sharding.shardings_like_params(opt_state, params, param_shardings, mesh)
+  assert got[0].mu == param_shardings and got[0].nu == param_shardings
+  assert got[0].count.spec == P()  # not a parameter: replicated
+
+
+# ------------------------------------------------------------------------------ sharded step
+def test_sharded_init_from_the_seed_equals_the_single_device_init(single_device, sharded):
+  # Same seed, any mesh: the same initial parameters (partitionable threefry).
+  assert_trees_close(sharded["initial"], single_device["initial"], rtol=0, atol=0)
+
+
+def test_sharded_train_steps_match_the_single_device_steps(single_device, sharded):
+  for step, (got, want) in enumerate(zip(sharded["metrics"], single_device["metrics"])):
+    for key in ("loss", "loss_cft", "loss_sft", "tokens_cft", "tokens_sft", "grad_norm",
+                "learning_rate", "loss_by_source"):
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=f"step {step} {key}")
+  assert single_device["metrics"][0]["grad_norm"] > 0.5  # the clip (0.5) was active
+  assert_trees_close(sharded["params"], single_device["params"], rtol=1e-5, atol=1e-6)
+  # The steps did change the parameters (the comparison above is not vacuous).
+  moved = jax.tree.map(lambda a, b: np.max(np.abs(a - b)), single_device["params"], single_device["initial"])
+  assert min(jax.tree.leaves(moved)) > 1e-4
+
+
+def test_parameters_are_really_split_over_fsdp_and_tensor(sharded):
+  params = sharded["state"]["params"]
+  mesh = sharded["mesh"]
+  fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
+  embedding = params["embed"]["embedding"]  # (vocab, embed) -> (tensor, fsdp)
+  assert embedding.sharding.spec == P("tensor", "fsdp")
+  assert embedding.addressable_shards[0].data.shape == (
+      MODEL_CONFIG.vocab_size // tensor, MODEL_CONFIG.hidden_size // fsdp)
+  q_kernel = params["layers"]["attn"]["q_proj"]["kernel"]  # (layers, embed, heads, head_dim)
+  assert q_kernel.addressable_shards[0].data.shape == (
+      MODEL_CONFIG.num_layers, MODEL_CONFIG.hidden_size // fsdp, MODEL_CONFIG.num_heads // tensor,
+      MODEL_CONFIG.head_dim)
+  down = params["layers"]["mlp"]["down_proj"]["kernel"]  # (layers, mlp, embed)
+  assert down.sharding.spec == P(None, "tensor", "fsdp")
+  # Each device holds 1/(fsdp*tensor) of every matrix: nothing is whole on one device.
+  total = sum(x.size for x in jax.tree.leaves(params))
+  per_device = sum(x.addressable_shards[0].data.size for x in jax.tree.leaves(params))
+  assert per_device < total / (fsdp * tensor) * 1.2
+
+
+def test_optimizer_moments_carry_the_parameter_shardings(sharded):
+  state = sharded["state"]
+  param_specs = jax.tree.map(lambda x: x.sharding.spec, state["params"])
+  adam_states = [s for s in jax.tree.leaves(state["opt_state"], is_leaf=lambda s: hasattr(s, "mu"))
+                 if hasattr(s, "mu")]
+  assert len(adam_states) == 1
+  assert jax.tree.map(lambda x: x.sharding.spec, adam_states[0].mu) == param_specs
+  assert jax.tree.map(lambda x: x.sharding.spec, adam_states[0].nu) == param_specs
+  assert state["step"].sharding.spec == P() and int(state["step"]) == NUM_STEPS
+  # The layout given to jit is what the arrays carry.
+  layout_specs = jax.tree.map(lambda s: s.spec, sharded["layout"].shardings["params"])
+  assert layout_specs == param_specs
