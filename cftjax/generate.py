@@ -231,7 +231,6 @@ def generate_tokens(
   return out_BxN, num_tokens_B
 
 
-@functools.lru_cache(maxsize=64)
 def compiled_generate_tokens(
     config: ModelConfig,
     max_new_tokens: int,
@@ -246,12 +245,21 @@ def compiled_generate_tokens(
   With a mesh the program is traced under the mesh and the logical axis rules, so the
   model's activation constraints (batch over data x fsdp, heads over tensor) apply.
   """
+  # Normalised so equal settings always hit the same cache entry.
+  return _compiled_generate_tokens(
+      config, int(max_new_tokens), float(temperature), float(top_p),
+      tuple(int(i) for i in eos_ids), int(pad_id), mesh,
+  )
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_generate_tokens(config, max_new_tokens, temperature, top_p, eos_ids, pad_id, mesh):
   body = functools.partial(
       generate_tokens,
       model=Transformer(config),
       max_new_tokens=max_new_tokens,
-      temperature=float(temperature),
-      top_p=float(top_p),
+      temperature=temperature,
+      top_p=top_p,
       eos_ids=eos_ids,
       pad_id=pad_id,
   )
@@ -370,8 +378,8 @@ def generate(
   if mesh is not None:
     row_multiple = int(np.prod([mesh.shape[a] for a in sharding_lib.BATCH_AXES]))
   run = compiled_generate_tokens(
-      config, int(sampling.max_new_tokens), float(sampling.temperature),
-      float(sampling.top_p), sampling.eos_ids, int(sampling.pad_id), mesh,
+      config, sampling.max_new_tokens, sampling.temperature, sampling.top_p,
+      sampling.eos_ids, sampling.pad_id, mesh,
   )
 
   order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))

@@ -1,19 +1,22 @@
-"""Mesh from config, sharded init and the sharded train step.
+"""Mesh from config, sharded init, and the train step's promises on any layout.
 
-The promise tested here: the same config trains the same model on one device and on a
-data x fsdp x tensor mesh. Starting from the same seed, the sharded train step gives the
-loss and updated parameters of the single-device step within float32 tolerance, and the
-parameters and optimizer state really are split over the mesh.
+What a user relies on: the same config trains the same model on one device, on a data x
+fsdp x tensor mesh, and with gradient accumulation. Starting from the same parameters, the
+sharded step and the accumulated step give the loss and updated parameters of the plain
+single-device step within float32 tolerance, and parameters and optimizer state really are
+split over the mesh.
+
+Compiling a train step costs seconds on CPU, so each layout is compiled once per module
+(fixtures below) and every test reads the results.
 """
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
-
-import optax
 
 from cftjax import optim, sharding, train
 from cftjax.model import ModelConfig, Transformer
@@ -23,7 +26,7 @@ MODEL_CONFIG = ModelConfig(
     vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
     intermediate_size=64, qkv_bias=True,
 )
-ROWS, LENGTH, NUM_SOURCES, NUM_STEPS = 8, 16, 2, 2
+ROWS, LENGTH, NUM_SOURCES, NUM_STEPS, ACCUM = 8, 16, 2, 2, 4
 MESHES = {
     "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2),
     "fsdp4_tensor2": dict(data=1, fsdp=4, tensor=2),
@@ -34,11 +37,16 @@ def mesh_config(**sizes) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, **sizes})
 
 
+def empty_batch() -> dict[str, np.ndarray]:
+  batch = {k: np.zeros((ROWS, LENGTH), np.int32) for k in train.BATCH_KEYS}
+  batch["weights"] = np.zeros((ROWS, LENGTH), np.float32)
+  return batch
+
+
 def packed_batch(seed: int) -> dict[str, np.ndarray]:
   """Rows of 1-3 packed examples plus padding, mixed objectives and sources."""
   rng = np.random.default_rng(seed)
-  batch = {k: np.zeros((ROWS, LENGTH), np.int32) for k in train.BATCH_KEYS}
-  batch["weights"] = np.zeros((ROWS, LENGTH), np.float32)
+  batch = empty_batch()
   for row in range(ROWS):
     start = 0
     for segment in range(1, rng.integers(1, 4) + 1):
@@ -57,6 +65,26 @@ def packed_batch(seed: int) -> dict[str, np.ndarray]:
   return batch
 
 
+def uneven_micro_batches(seed: int) -> dict[str, np.ndarray]:
+  """A batch whose ACCUM micro-batches hold 32, 10, 0 and 2 target tokens.
+
+  train_step gives micro-batch a the rows i * ACCUM + a. A mean of per-micro-batch means
+  would weight the 2-token micro-batch like the 32-token one (and divide by zero for the
+  empty one); the token mean over the global batch must not.
+  """
+  rng = np.random.default_rng(seed)
+  batch = empty_batch()
+  batch["inputs"][:] = rng.integers(1, MODEL_CONFIG.vocab_size, (ROWS, LENGTH))
+  batch["targets"][:] = rng.integers(1, MODEL_CONFIG.vocab_size, (ROWS, LENGTH))
+  batch["positions"][:] = np.arange(LENGTH)
+  batch["segment_ids"][:] = 1
+  batch["objective_ids"][:] = rng.integers(0, 2, (ROWS, 1))
+  batch["source_ids"][:] = rng.integers(0, NUM_SOURCES, (ROWS, 1))
+  for micro, tokens_per_row in enumerate((16, 5, 0, 1)):
+    batch["weights"][micro::ACCUM, LENGTH - tokens_per_row:] = 1.0
+  return batch
+
+
 def optimizer():
   optim_config = base.get_config().optim
   optim_config.learning_rate = 1e-3  # float32 noise in Adam's update scales with lr
@@ -66,36 +94,63 @@ def optimizer():
   return optim.make_optimizer(optim_config, num_steps=10)
 
 
-def run_steps(mesh, params=None) -> dict:
-  """Init (from the seed, or from host `params`) and NUM_STEPS train steps on `mesh`."""
-  model = Transformer(MODEL_CONFIG)
-  tx, schedule = optimizer()
-  layout = train.state_layout(model, tx, mesh, seed=0)
-  state = train.init_state(model, tx, mesh, 0, layout, params)
-  initial = jax.device_get(state["params"])
-  steps = train.compile_steps(model, tx, schedule, mesh, layout, accum=1, num_sources=NUM_SOURCES)
-  metrics = []
-  for i in range(NUM_STEPS):
-    state, step_metrics = steps.train(state, sharding.host_batch_to_global(packed_batch(i), mesh))
-    metrics.append(jax.device_get(step_metrics))
-  return {"initial": initial, "state": state, "params": jax.device_get(state["params"]),
-          "metrics": metrics, "layout": layout}
+class Layout:
+  """One mesh, its state layout and its compiled steps."""
+
+  def __init__(self, mesh, accum: int = 1):
+    self.mesh = mesh
+    self.model = Transformer(MODEL_CONFIG)
+    self.tx, schedule = optimizer()
+    self.layout = train.state_layout(self.model, self.tx, mesh, seed=0)
+    self.steps = train.compile_steps(self.model, self.tx, schedule, mesh, self.layout, accum, NUM_SOURCES)
+
+  def seed_state(self):
+    return train.init_state(self.model, self.tx, self.mesh, 0, self.layout)
+
+  def state_from(self, host_params):
+    """A fresh state from host params, placed without another compile of init_state."""
+    state = {"step": np.int32(0), "params": host_params, "opt_state": self.tx.init(host_params)}
+    return jax.device_put(state, self.layout.shardings)
+
+  def run(self, state, batches) -> dict:
+    metrics = []
+    for batch in batches:
+      state, step_metrics = self.steps.train(state, sharding.host_batch_to_global(batch, self.mesh))
+      metrics.append(jax.device_get(step_metrics))
+    return {"state": state, "params": jax.device_get(state["params"]), "metrics": metrics}
+
+
+TRAIN_BATCHES = [packed_batch(i) for i in range(NUM_STEPS)]
 
 
 @pytest.fixture(scope="module")
-def single_device():
-  return run_steps(sharding.make_mesh(mesh_config(), jax.devices()[:1]))
+def seed_init():
+  """The real path: the train state created from the seed directly on the 2x2x2 mesh."""
+  layout = Layout(sharding.make_mesh(mesh_config(**MESHES["data2_fsdp2_tensor2"])))
+  state = layout.seed_state()
+  # The 2x2x2 run below donates this state: read what the tests check first.
+  specs = jax.tree.map(lambda x: x.sharding.spec, state["params"])
+  return {"layout": layout, "state": state, "initial": jax.device_get(state["params"]), "specs": specs}
+
+
+@pytest.fixture(scope="module")
+def single_device(seed_init):
+  layout = Layout(sharding.make_mesh(mesh_config(), jax.devices()[:1]))
+  result = layout.run(layout.state_from(seed_init["initial"]), TRAIN_BATCHES)
+  result.update(layout=layout, initial=seed_init["initial"])
+  return result
 
 
 @pytest.fixture(scope="module", params=sorted(MESHES))
-def sharded(request, single_device):
+def sharded(request, seed_init):
   assert jax.device_count() == 8, "tests/conftest.py sets 8 simulated CPU devices"
-  mesh = sharding.make_mesh(mesh_config(**MESHES[request.param]))
-  # One mesh initialises from the seed (the real path: never materialised on one host),
-  # the other from the single-device parameters (the init_from path).
-  from_seed = request.param == "data2_fsdp2_tensor2"
-  result = run_steps(mesh, None if from_seed else single_device["initial"])
-  result.update(mesh=mesh, from_seed=from_seed)
+  if request.param == "data2_fsdp2_tensor2":
+    layout, state = seed_init["layout"], seed_init["state"]
+  else:
+    layout = Layout(sharding.make_mesh(mesh_config(**MESHES[request.param])))
+    state = train.init_state(layout.model, layout.tx, layout.mesh, 0, layout.layout, seed_init["initial"])
+  result = layout.run(state, TRAIN_BATCHES)
+  result.update(layout=layout, mesh=layout.mesh)
   return result
 
 
@@ -104,6 +159,12 @@ def assert_trees_close(actual, expected, rtol, atol):
   assert jax.tree.structure(actual) == jax.tree.structure(expected)
   for path, a, e in zip(paths, jax.tree.leaves(actual), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, e, rtol=rtol, atol=atol, err_msg=path)
+
+
+def assert_metrics_close(got: dict, want: dict, where: str):
+  for key in ("loss", "loss_cft", "loss_sft", "tokens_cft", "tokens_sft", "grad_norm",
+              "learning_rate", "loss_by_source"):
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=f"{where} {key}")
 
 
 # ------------------------------------------------------------------------------ mesh_shape
@@ -176,19 +237,22 @@ def test_shardings_like_params_gives_adam_moments_the_param_shardings():
 
 
 # ------------------------------------------------------------------------------ sharded step
-def test_sharded_init_from_the_seed_equals_the_single_device_init(single_device, sharded):
-  # Same seed, any mesh: the same initial parameters (partitionable threefry).
-  assert_trees_close(sharded["initial"], single_device["initial"], rtol=0, atol=0)
+def test_seed_init_is_sharded_and_looks_like_the_model_init(seed_init):
+  params = seed_init["initial"]
+  assert np.all(params["final_norm"]["scale"] == 1.0)
+  assert np.all(params["layers"]["attn"]["q_proj"]["bias"] == 0.0)
+  q_kernel = params["layers"]["attn"]["q_proj"]["kernel"]
+  assert 0.015 < q_kernel.std() < 0.025  # normal(0.02)
+  assert not np.allclose(q_kernel[0], q_kernel[1])  # each scanned layer has its own draw
+  assert seed_init["specs"]["embed"]["embedding"] == P("tensor", "fsdp")
 
 
 def test_sharded_train_steps_match_the_single_device_steps(single_device, sharded):
   for step, (got, want) in enumerate(zip(sharded["metrics"], single_device["metrics"])):
-    for key in ("loss", "loss_cft", "loss_sft", "tokens_cft", "tokens_sft", "grad_norm",
-                "learning_rate", "loss_by_source"):
-      np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=f"step {step} {key}")
+    assert_metrics_close(got, want, f"step {step}")
   assert single_device["metrics"][0]["grad_norm"] > 0.5  # the clip (0.5) was active
   assert_trees_close(sharded["params"], single_device["params"], rtol=1e-5, atol=1e-6)
-  # The steps did change the parameters (the comparison above is not vacuous).
+  # The steps did change every parameter (the comparison above is not vacuous).
   moved = jax.tree.map(lambda a, b: np.max(np.abs(a - b)), single_device["params"], single_device["initial"])
   assert min(jax.tree.leaves(moved)) > 1e-4
 
@@ -207,7 +271,7 @@ def test_parameters_are_really_split_over_fsdp_and_tensor(sharded):
       MODEL_CONFIG.head_dim)
   down = params["layers"]["mlp"]["down_proj"]["kernel"]  # (layers, mlp, embed)
   assert down.sharding.spec == P(None, "tensor", "fsdp")
-  # Each device holds 1/(fsdp*tensor) of every matrix: nothing is whole on one device.
+  # Each device holds about 1/(fsdp*tensor) of the model: nothing is whole on one device.
   total = sum(x.size for x in jax.tree.leaves(params))
   per_device = sum(x.addressable_shards[0].data.size for x in jax.tree.leaves(params))
   assert per_device < total / (fsdp * tensor) * 1.2
@@ -223,5 +287,33 @@ def test_optimizer_moments_carry_the_parameter_shardings(sharded):
   assert jax.tree.map(lambda x: x.sharding.spec, adam_states[0].nu) == param_specs
   assert state["step"].sharding.spec == P() and int(state["step"]) == NUM_STEPS
   # The layout given to jit is what the arrays carry.
-  layout_specs = jax.tree.map(lambda s: s.spec, sharded["layout"].shardings["params"])
+  layout_specs = jax.tree.map(lambda s: s.spec, sharded["layout"].layout.shardings["params"])
   assert layout_specs == param_specs
+
+
+# ------------------------------------------------------------------------------ accumulation
+@pytest.fixture(scope="module")
+def accumulation(single_device):
+  """The same uneven batches through accum=1 and accum=ACCUM, from the same params."""
+  batches = [uneven_micro_batches(10 + i) for i in range(NUM_STEPS)]
+  plain = single_device["layout"]
+  accumulated = Layout(plain.mesh, accum=ACCUM)
+  return {
+      "plain": plain.run(plain.state_from(single_device["initial"]), batches),
+      "accumulated": accumulated.run(accumulated.state_from(single_device["initial"]), batches),
+      "batches": batches,
+  }
+
+
+def test_uneven_micro_batches_really_are_uneven():
+  weights = uneven_micro_batches(0)["weights"]
+  per_micro = [weights[a::ACCUM].sum() for a in range(ACCUM)]
+  assert per_micro == [32, 10, 0, 2]
+
+
+def test_gradient_accumulation_equals_one_big_batch(accumulation):
+  plain, accumulated = accumulation["plain"], accumulation["accumulated"]
+  for step, (got, want) in enumerate(zip(accumulated["metrics"], plain["metrics"])):
+    assert_metrics_close(got, want, f"step {step}")
+    assert got["tokens_cft"] + got["tokens_sft"] == accumulation["batches"][step]["weights"].sum()
+  assert_trees_close(accumulated["params"], plain["params"], rtol=1e-5, atol=1e-6)

@@ -51,7 +51,10 @@ TINY = {
     "train.eval_every": N,
     "train.eval_batches": 1,
     "optim.learning_rate": 1e-2,
-    "optim.warmup_steps": 1,
+    # Warmup then constant: the program does not depend on train.num_steps, so runs of
+    # different lengths share one compiled step (the lr still depends on the restored step).
+    "optim.schedule": "constant",
+    "optim.warmup_steps": 2,
     "mesh.data": 1,
     "checkpoint.every_steps": N,
     "checkpoint.keep": 3,
@@ -117,8 +120,10 @@ def spy_on_batches(monkeypatch, seen: list, fail_at: int | None = None) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+def compilation_cache(tmp_path_factory) -> Path:
+  path = tmp_path_factory.mktemp("jax_cache")
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  return path
 
 
 @pytest.fixture(scope="module")
@@ -240,12 +245,13 @@ def _wait_for_line(proc: subprocess.Popen, pattern: str, timeout: float) -> list
   pytest.fail(f"no line matching {pattern!r} within {timeout}s; output:\n{''.join(lines)}")
 
 
-def test_sigterm_saves_at_the_next_step_and_resume_continues(data_dir, tmp_path, capsys):
+def test_sigterm_saves_at_the_next_step_and_resume_continues(reference, data_dir, compilation_cache, tmp_path, capsys):
+  del reference  # its run compiled (and cached) the programs the child needs
   workdir = tmp_path / "run"
-  # A constant schedule: the resumed run may end earlier without changing its program.
-  changes = {"train.num_steps": 100000, "checkpoint.every_steps": 100000, "train.eval_every": 0,
-             "optim.schedule": "constant", "mesh.data": 2}
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  changes = {"train.num_steps": 100000, "checkpoint.every_steps": 100000, "train.eval_every": 0}
+  # One device, like the in-process runs, so the child reuses their compiled programs.
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
+         "JAX_COMPILATION_CACHE_DIR": str(compilation_cache)}
   proc = subprocess.Popen(
       [sys.executable, "scripts/train.py", f"--workdir={workdir}", *override_flags(data_dir, **changes)],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -264,8 +270,8 @@ def test_sigterm_saves_at_the_next_step_and_resume_continues(data_dir, tmp_path,
   assert saved > 0 and checkpoint_steps(workdir) == [saved]
   assert f"done: step {saved}" in out
 
-  # Resume on another mesh (1 device instead of 2) and train two more steps.
-  config = tiny_config(data_dir, **{**changes, "mesh.data": 1, "train.num_steps": saved + 2})
+  # Resume in this process and train two more steps.
+  config = tiny_config(data_dir, **{**changes, "train.num_steps": saved + 2})
   result = train.run(config, workdir, ONE_DEVICE)
   assert f"resumed from {workdir / 'checkpoints' / str(saved)}" in capsys.readouterr().out
   assert result.final_step == saved + 2

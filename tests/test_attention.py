@@ -1,0 +1,243 @@
+"""Causal, segment-aware attention: a packed row behaves like separate examples.
+
+The model-level tests run one compiled forward pass over a batch whose rows are variants of
+one packed row (three examples plus padding): the base row, the row with one example's
+tokens changed, each example alone, and rows without segment ids (to show the checks
+would catch attention that crosses examples).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cftjax import attention, model as model_lib
+from cftjax.model import ModelConfig, Transformer
+
+CONFIG = ModelConfig(
+    vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+    intermediate_size=64,
+)
+LENGTH = 16
+EXAMPLE_LENGTHS = (5, 6, 4)  # + 1 padding slot
+SPANS = [slice(s, s + n) for s, n in zip(np.cumsum((0,) + EXAMPLE_LENGTHS[:-1]), EXAMPLE_LENGTHS)]
+PAD_START = sum(EXAMPLE_LENGTHS)
+
+
+def host_params(model: Transformer, seed: int):
+  """Random params of the model's shapes, drawn on the host (no compiled init needed).
+
+  Larger than the 0.02 init so attention patterns are far from uniform and any leak
+  between examples shows in the logits.
+  """
+  dummy = jnp.zeros((1, 8), jnp.int32)
+  abstract = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, dummy, dummy + 1)))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == "scale":
+      value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
+    elif name == "embedding":
+      value = rng.standard_normal(leaf.shape)
+    else:
+      value = 0.15 * rng.standard_normal(leaf.shape)
+    return np.asarray(value, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, abstract["params"])
+
+
+class Rows:
+  """Builds the batch of row variants and remembers which row is which."""
+
+  def __init__(self, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    self.examples = [rng.integers(1, CONFIG.vocab_size, n) for n in EXAMPLE_LENGTHS]
+    self.changed = [rng.integers(1, CONFIG.vocab_size, n) for n in EXAMPLE_LENGTHS]
+    self.tokens, self.positions, self.segments, self.names = [], [], [], []
+
+  def add(self, name, tokens, positions, segments):
+    self.names.append(name)
+    self.tokens.append(tokens)
+    self.positions.append(positions)
+    self.segments.append(segments)
+
+  def packed(self, examples):
+    tokens = np.zeros(LENGTH, np.int32)
+    positions = np.zeros(LENGTH, np.int32)
+    segments = np.zeros(LENGTH, np.int32)
+    for i, (span, ids) in enumerate(zip(SPANS, examples)):
+      tokens[span], positions[span], segments[span] = ids, np.arange(len(ids)), i + 1
+    return tokens, positions, segments
+
+  def alone(self, ids, offset=0):
+    tokens = np.zeros(LENGTH, np.int32)
+    positions = np.zeros(LENGTH, np.int32)
+    segments = np.zeros(LENGTH, np.int32)
+    span = slice(offset, offset + len(ids))
+    tokens[span], positions[span], segments[span] = ids, np.arange(len(ids)), 1
+    return tokens, positions, segments
+
+  def arrays(self):
+    return tuple(jnp.asarray(np.stack(x)) for x in (self.tokens, self.positions, self.segments))
+
+
+def build_rows() -> Rows:
+  rows = Rows()
+  ex, ch = rows.examples, rows.changed
+  rows.add("base", *rows.packed(ex))
+  for i in range(3):
+    rows.add(f"changed_{i}", *rows.packed([ch[j] if j == i else ex[j] for j in range(3)]))
+    rows.add(f"alone_{i}", *rows.alone(ex[i]))
+  last_changed = ex[1].copy()
+  last_changed[-1] = (last_changed[-1] % (CONFIG.vocab_size - 1)) + 1
+  rows.add("last_token_of_1_changed", *rows.packed([ex[0], last_changed, ex[2]]))
+  # Left padding: three padding slots before the example.
+  rows.add("left_padded_0", *rows.alone(ex[0], offset=3))
+  rows.add("all_padding", np.zeros(LENGTH, np.int32), np.zeros(LENGTH, np.int32), np.zeros(LENGTH, np.int32))
+  # The same tokens read as one long example (positions 0..L-1, one segment).
+  for name in ("base", "changed_0"):
+    tokens = rows.tokens[rows.names.index(name)]
+    rows.add(f"unsegmented_{name}", tokens, np.arange(LENGTH, dtype=np.int32), np.ones(LENGTH, np.int32))
+  return rows
+
+
+@pytest.fixture(scope="module")
+def logits():
+  """name -> float32 logits [L, V] for each row variant, from one compiled forward."""
+  model = Transformer(CONFIG)
+  params = host_params(model, seed=1)
+  rows = build_rows()
+  out, _ = jax.jit(lambda p, *a: model.apply({"params": p}, *a))(params, *rows.arrays())
+  out = np.asarray(out)
+  return {name: out[i] for i, name in enumerate(rows.names)}
+
+
+# ------------------------------------------------------------------------------ mask
+def test_mask_allows_exactly_same_segment_and_not_future():
+  segments = jnp.asarray([[1, 1, 2, 2, 0]])
+  slots = jnp.arange(5)
+  mask = np.asarray(attention.attention_mask(segments, segments, slots[None], slots))
+  expected = np.array([
+      [1, 0, 0, 0, 0],
+      [1, 1, 0, 0, 0],
+      [0, 0, 1, 0, 0],
+      [0, 0, 1, 1, 0],
+      [0, 0, 0, 0, 1],  # padding sees only padding: never an empty softmax row
+  ], bool)
+  assert mask.shape == (1, 1, 5, 5)
+  np.testing.assert_array_equal(mask[0, 0], expected)
+
+
+# ------------------------------------------------------------------------------ packed rows
+@pytest.mark.parametrize("changed", range(3))
+def test_changing_one_example_leaves_the_other_examples_logits_unchanged(logits, changed):
+  for i, span in enumerate(SPANS):
+    base, other = logits["base"][span], logits[f"changed_{changed}"][span]
+    if i == changed:
+      assert np.abs(base - other).max() > 1e-2  # the changed example did change
+    else:
+      np.testing.assert_allclose(other, base, rtol=0, atol=1e-6, err_msg=f"example {i}")
+
+
+def test_without_segment_ids_the_check_above_would_see_the_leak(logits):
+  # Sanity of the test itself: in one long segment, example 0's tokens reach the others.
+  later = slice(SPANS[1].start, PAD_START)
+  leak = np.abs(logits["unsegmented_base"][later] - logits["unsegmented_changed_0"][later]).max()
+  assert leak > 1e-2
+
+
+@pytest.mark.parametrize("example", range(3))
+def test_each_packed_example_has_the_logits_it_has_alone(logits, example):
+  span = SPANS[example]
+  alone = logits[f"alone_{example}"][: span.stop - span.start]
+  np.testing.assert_allclose(logits["base"][span], alone, rtol=0, atol=1e-5)
+
+
+def test_attention_is_causal_inside_an_example(logits):
+  # Changing the last token of example 1 changes only that position's logits.
+  base, changed = logits["base"], logits["last_token_of_1_changed"]
+  last = SPANS[1].stop - 1
+  np.testing.assert_allclose(changed[:last], base[:last], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(changed[last + 1:], base[last + 1:], rtol=0, atol=1e-6)
+  assert np.abs(changed[last] - base[last]).max() > 1e-2
+
+
+def test_padding_produces_no_nan_and_does_not_disturb_real_tokens(logits):
+  for name, row in logits.items():
+    assert np.isfinite(row).all(), name
+  # An example after left padding scores as it does at the start of a row.
+  n = EXAMPLE_LENGTHS[0]
+  np.testing.assert_allclose(logits["left_padded_0"][3:3 + n], logits["alone_0"][:n], rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ kernels
+def reference_attention(q, k, v, mask):
+  """numpy softmax attention with k/v heads repeated to the query heads (HF repeat_kv)."""
+  group = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+  scores = np.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(q.shape[-1])
+  scores = np.where(mask, scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return np.einsum("bnqk,bknh->bqnh", probs, v)
+
+
+@jax.jit
+def packed_attention(q, k, v, segments):
+  slots = jnp.arange(q.shape[1])
+  mask = attention.attention_mask(segments, segments, jnp.broadcast_to(slots, segments.shape), slots)
+  return attention.dot_product_attention(q, k, v, mask), mask
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2])
+def test_grouped_query_attention_equals_repeated_kv_heads(num_kv_heads):
+  rng = np.random.default_rng(num_kv_heads)
+  group = 4 // num_kv_heads
+  q = rng.standard_normal((2, 6, 4, 8)).astype(np.float32)
+  k = rng.standard_normal((2, 6, num_kv_heads, 8)).astype(np.float32)
+  v = rng.standard_normal((2, 6, num_kv_heads, 8)).astype(np.float32)
+  segments = jnp.asarray([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
+  got, mask = packed_attention(q, k, v, segments)
+  np.testing.assert_allclose(got, reference_attention(q, k, v, np.asarray(mask)), rtol=1e-5, atol=1e-5)
+  repeated, _ = packed_attention(q, np.repeat(k, group, 2), np.repeat(v, group, 2), segments)
+  np.testing.assert_allclose(got, repeated, rtol=1e-6, atol=1e-6)
+
+
+def test_attention_rejects_bad_head_counts_and_unknown_impl():
+  q = jnp.zeros((1, 2, 3, 4))
+  kv = jnp.zeros((1, 2, 2, 4))
+  mask = jnp.ones((1, 1, 2, 2), bool)
+  with pytest.raises(ValueError, match="num_heads=3 is not a multiple of num_kv_heads=2"):
+    attention.dot_product_attention(q, kv, kv, mask)
+  with pytest.raises(ValueError, match="model.attention_impl='flash'"):
+    attention.dot_product_attention(q, q, q, mask, impl="flash")
+
+
+# ------------------------------------------------------------------------------ RoPE
+def reference_rope(x, positions, theta):
+  """Hugging Face rotate_half RoPE in numpy."""
+  head_dim = x.shape[-1]
+  inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+  angles = positions[..., None] * inv_freq
+  angles = np.concatenate([angles, angles], -1)[:, :, None, :]
+  rotated = np.concatenate([-x[..., head_dim // 2:], x[..., :head_dim // 2]], -1)
+  return x * np.cos(angles) + rotated * np.sin(angles)
+
+
+def test_rope_matches_the_reference_and_depends_only_on_relative_position():
+  config = ModelConfig(vocab_size=8, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=2,
+                       head_dim=8, intermediate_size=16, rope_theta=500.0)
+  inv_freq = model_lib.rope_inverse_frequencies(config)
+  rope = jax.jit(model_lib.apply_rope)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((1, 4, 2, 8)).astype(np.float32)
+  positions = np.asarray([[0, 1, 7, 30]], np.int32)
+  got = np.asarray(rope(x, positions, inv_freq))
+  np.testing.assert_allclose(got, reference_rope(x, positions, 500.0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got[:, 0], x[:, 0], atol=1e-7)  # position 0: identity
+  # <rope(q, m), rope(k, n)> depends on m - n only: shifting both positions keeps scores.
+  shifted = np.asarray(rope(x, positions + 11, inv_freq))
+  scores = np.einsum("bqnh,bknh->bnqk", got, got)
+  np.testing.assert_allclose(np.einsum("bqnh,bknh->bnqk", shifted, shifted), scores, rtol=1e-4, atol=1e-4)

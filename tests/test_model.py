@@ -1,0 +1,291 @@
+"""The transformer: its config switches change how it runs, never what it computes.
+
+scan vs unrolled layers, remat policies, GQA vs MHA with repeated heads, QKV bias, tied
+embeddings and bf16 compute are each checked against an equivalent model; every parameter
+and the main activations carry logical axis names for the sharding rules.
+Parameters are drawn on the host from the model's abstract shapes, so a test pays only for
+compiling the forward pass it checks; each (config, function) pair is compiled once.
+"""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from cftjax import objectives, sharding
+from cftjax.model import ModelConfig, Transformer
+from configs import base
+
+BASE = ModelConfig(
+    vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+    intermediate_size=64, rope_theta=1000.0,
+)
+BATCH, LENGTH = 2, 16
+
+
+def variant(**changes) -> ModelConfig:
+  return dataclasses.replace(BASE, **changes)
+
+
+def boxed_abstract_params(config: ModelConfig):
+  dummy = jnp.zeros((1, 8), jnp.int32)
+  return jax.eval_shape(lambda: Transformer(config).init(jax.random.key(0), dummy, dummy, dummy + 1))["params"]
+
+
+def host_params(config: ModelConfig, seed: int = 0):
+  """Random params of the model's shapes, drawn with numpy (no compiled init)."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == "scale":
+      value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
+    elif name == "embedding":
+      value = rng.standard_normal(leaf.shape)
+    else:
+      value = 0.15 * rng.standard_normal(leaf.shape)
+    return np.asarray(value, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(boxed_abstract_params(config)))
+
+
+def unstack_layers(params):
+  """Scanned params (leading layer axis under 'layers') -> unrolled 'layers_i' params."""
+  out = {k: v for k, v in params.items() if k != "layers"}
+  num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+  for i in range(num_layers):
+    out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+  return out
+
+
+def packed_inputs(seed: int = 0):
+  """Two rows: one packed with two examples and padding, one single example."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(1, BASE.vocab_size, (BATCH, LENGTH)).astype(np.int32)
+  segments = np.array([[1] * 7 + [2] * 6 + [0] * 3, [1] * LENGTH], np.int32)
+  positions = np.array([list(range(7)) + list(range(6)) + [0] * 3, list(range(LENGTH))], np.int32)
+  targets = rng.integers(0, BASE.vocab_size, (BATCH, LENGTH)).astype(np.int32)
+  weights = (segments > 0).astype(np.float32)
+  return tokens, positions, segments, targets, weights
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_forward(config: ModelConfig):
+  model = Transformer(config)
+  return jax.jit(lambda params, *inputs: model.apply({"params": params}, *inputs)[0])
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_loss_and_grads(config: ModelConfig):
+  model = Transformer(config)
+
+  def loss(params, tokens, positions, segments, targets, weights):
+    logits, _ = model.apply({"params": params}, tokens, positions, segments)
+    sums = objectives.loss_sums(logits, targets, weights, jnp.zeros_like(targets))
+    return sums["loss_sum"] / sums["weight_sum"]
+
+  return jax.jit(jax.value_and_grad(loss))
+
+
+def logits_of(config: ModelConfig, params, seed: int = 0) -> np.ndarray:
+  tokens, positions, segments, _, _ = packed_inputs(seed)
+  out = np.asarray(compiled_forward(config)(params, tokens, positions, segments))
+  assert out.dtype == np.float32 and out.shape == (BATCH, LENGTH, config.vocab_size)
+  assert np.isfinite(out).all()
+  return out
+
+
+@pytest.fixture(scope="module")
+def base_params():
+  return host_params(BASE)
+
+
+@pytest.fixture(scope="module")
+def base_logits(base_params):
+  return logits_of(BASE, base_params)
+
+
+# ------------------------------------------------------------------------------ layers
+def test_scanned_and_unrolled_layers_give_the_same_logits(base_params, base_logits):
+  unrolled = variant(scan_layers=False)
+  params = unstack_layers(base_params)
+  assert jax.tree.structure(params) == jax.tree.structure(host_params(unrolled))
+  np.testing.assert_allclose(logits_of(unrolled, params), base_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def no_remat_loss_and_grads(base_params):
+  return compiled_loss_and_grads(BASE)(base_params, *packed_inputs())
+
+
+@pytest.mark.parametrize("policy, scan", [("full", True), ("dots", True), ("dots_no_batch", True),
+                                          ("full", False)])
+def test_remat_policies_give_the_same_loss_and_grads(base_params, no_remat_loss_and_grads, policy, scan):
+  config = variant(remat_policy=policy, scan_layers=scan)
+  params = base_params if scan else unstack_layers(base_params)
+  loss, grads = compiled_loss_and_grads(config)(params, *packed_inputs())
+  want_loss, want_grads = no_remat_loss_and_grads
+  if not scan:
+    want_grads = unstack_layers(want_grads)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+  for path, got, want in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads),
+                             jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path[0]))
+  assert float(optax_norm(grads)) > 0
+
+
+def optax_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(tree)))
+
+
+# ------------------------------------------------------------------------------ attention heads
+def test_grouped_query_attention_equals_mha_with_repeated_kv_heads(base_params, base_logits):
+  mha = variant(num_kv_heads=BASE.num_heads)
+  group = BASE.num_heads // BASE.num_kv_heads
+  params = jax.tree.map(lambda x: x, base_params)
+  attn = dict(params["layers"]["attn"])
+  for name in ("k_proj", "v_proj"):  # kernel (layers, embed, kv_heads, head_dim)
+    attn[name] = {"kernel": np.repeat(attn[name]["kernel"], group, axis=2)}
+  params["layers"] = dict(params["layers"], attn=attn)
+  np.testing.assert_allclose(logits_of(mha, params), base_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_qkv_bias_is_added_to_q_k_and_v_only(base_params, base_logits):
+  config = variant(qkv_bias=True)
+  abstract = nn.meta.unbox(boxed_abstract_params(config))["layers"]["attn"]
+  assert abstract["q_proj"]["bias"].shape == (BASE.num_layers, BASE.num_heads, BASE.head_dim)
+  assert abstract["k_proj"]["bias"].shape == (BASE.num_layers, BASE.num_kv_heads, BASE.head_dim)
+  assert abstract["v_proj"]["bias"].shape == (BASE.num_layers, BASE.num_kv_heads, BASE.head_dim)
+  assert "bias" not in abstract["o_proj"]
+  params = jax.tree.map(lambda x: x, base_params)
+  attn = {name: dict(p) for name, p in params["layers"]["attn"].items()}
+  for name, heads in (("q_proj", BASE.num_heads), ("k_proj", BASE.num_kv_heads), ("v_proj", BASE.num_kv_heads)):
+    attn[name]["bias"] = np.zeros((BASE.num_layers, heads, BASE.head_dim), np.float32)
+  params["layers"] = dict(params["layers"], attn=attn)
+  # Zero biases: the plain model. A bias on any one of q, k, v changes the logits.
+  np.testing.assert_allclose(logits_of(config, params), base_logits, rtol=1e-6, atol=1e-6)
+  for name in ("q_proj", "k_proj", "v_proj"):
+    attn[name]["bias"] = np.full_like(attn[name]["bias"], 0.5)
+    assert np.abs(logits_of(config, params) - base_logits).max() > 1e-3, name
+    attn[name]["bias"] = np.zeros_like(attn[name]["bias"])
+
+
+def test_tied_embeddings_use_the_embedding_as_output_head(base_params, base_logits):
+  tied = variant(tie_embeddings=True)
+  params = {k: v for k, v in base_params.items() if k != "lm_head"}
+  assert jax.tree.structure(params) == jax.tree.structure(host_params(tied))
+  untied = dict(base_params, lm_head={"kernel": np.ascontiguousarray(base_params["embed"]["embedding"].T)})
+  np.testing.assert_allclose(logits_of(tied, params), logits_of(BASE, untied), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_compute_runs_and_stays_close_to_float32(base_params, base_logits):
+  config = variant(dtype="bfloat16")
+  got = logits_of(config, base_params)  # float32 logits, float32 params
+  assert not np.array_equal(got, base_logits)  # bf16 really was used
+  error = np.abs(got - base_logits).max() / np.abs(base_logits).max()
+  assert error < 0.05, error
+  assert np.mean(got.argmax(-1) == base_logits.argmax(-1)) > 0.9
+
+
+def test_param_dtype_sets_the_dtype_of_every_parameter():
+  abstract = nn.meta.unbox(boxed_abstract_params(variant(param_dtype="bfloat16", qkv_bias=True)))
+  assert {x.dtype for x in jax.tree.leaves(abstract)} == {jnp.dtype(jnp.bfloat16)}
+
+
+# ------------------------------------------------------------------------------ logical axes
+CONFIGS = {
+    "base": BASE,
+    "unrolled": variant(scan_layers=False),
+    "qkv_bias_tied": variant(qkv_bias=True, tie_embeddings=True),
+    "remat": variant(remat_policy="full"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_parameter_has_logical_axis_names_known_to_the_rules(name):
+  boxed = boxed_abstract_params(CONFIGS[name])
+  rule_names = {logical for logical, _ in sharding.LOGICAL_RULES}
+  leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves
+  for path, leaf in leaves:
+    where = jax.tree_util.keystr(path)
+    assert isinstance(leaf, nn.LogicallyPartitioned), f"{where} has no logical axis names"
+    assert len(leaf.names) == len(leaf.value.shape), where
+    assert all(n in rule_names for n in leaf.names), f"{where}: {leaf.names}"
+  specs = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  assert all(len(spec) > 0 for spec in specs)  # an un-annotated array would give P()
+
+
+def sharding_constraints(jaxpr, found):
+  """(spec, shape) of every sharding_constraint, looking inside scan/remat bodies."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "sharding_constraint":
+      found.append((eqn.params["sharding"].spec, tuple(eqn.invars[0].aval.shape)))
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if hasattr(inner, "eqns"):
+        sharding_constraints(inner, found)
+  return found
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_activations_are_constrained_under_the_logical_rules(scan):
+  config = variant(scan_layers=scan)
+  params = nn.meta.unbox(boxed_abstract_params(config))
+  tokens, positions, segments, _, _ = packed_inputs()
+  model = Transformer(config)
+  forward = lambda p: model.apply({"params": p}, tokens, positions, segments)[0]
+  assert sharding_constraints(jax.make_jaxpr(forward)(params).jaxpr, []) == []  # no rules: no-op
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": 2, "tensor": 2}))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    found = sharding_constraints(jax.make_jaxpr(forward)(params).jaxpr, [])
+  batch = ("data", "fsdp")
+  specs = {(tuple(spec), shape) for spec, shape in found}
+  expected = {
+      ((batch, None, None), (BATCH, LENGTH, BASE.hidden_size)),  # embeddings, residual stream
+      ((batch, None, "tensor", None), (BATCH, LENGTH, BASE.num_heads, BASE.head_dim)),  # q, attn out
+      ((batch, None, "tensor", None), (BATCH, LENGTH, BASE.num_kv_heads, BASE.head_dim)),  # k, v
+      ((batch, None, "tensor"), (BATCH, LENGTH, BASE.intermediate_size)),  # MLP hidden
+      ((batch, None, "tensor"), (BATCH, LENGTH, BASE.vocab_size)),  # logits
+  }
+  assert expected <= specs, expected - specs
+  # Every layer's activations are constrained, not just the first.
+  per_layer = sum(1 for _, shape in found if shape == (BATCH, LENGTH, BASE.intermediate_size))
+  assert per_layer == (1 if scan else BASE.num_layers)
+
+
+# ------------------------------------------------------------------------------ config
+@pytest.mark.parametrize("changes", [{}, {"qkv_bias": True}, {"tie_embeddings": True},
+                                     {"num_kv_heads": 4, "intermediate_size": 48}])
+def test_num_params_counts_the_parameters(changes):
+  config = variant(**changes)
+  abstract = nn.meta.unbox(boxed_abstract_params(config))
+  assert config.num_params() == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"num_kv_heads": 3}, "num_heads=4 must be a multiple of model.num_kv_heads=3"),
+        ({"head_dim": 7}, "head_dim=7 must be even"),
+        ({"remat_policy": "some"}, "model.remat_policy='some'"),
+        ({"attention_impl": "flash"}, "model.attention_impl='flash'"),
+        ({"rope_scaling_type": "yarn"}, "model.rope_scaling_type='yarn'"),
+    ],
+)
+def test_bad_model_config_fails_naming_the_key(changes, message):
+  with pytest.raises(ValueError, match=message):
+    variant(**changes)
+
+
+def test_from_config_reads_the_config_file_keys():
+  model_config = base.get_config().model
+  config = ModelConfig.from_config(model_config)  # keys such as init_from are not the model's
+  assert config.hidden_size == model_config.hidden_size
+  assert config.num_kv_heads == model_config.num_kv_heads
+  assert config.scan_layers is True and config.remat_policy == "none"
