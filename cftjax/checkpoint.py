@@ -28,12 +28,17 @@ def _preservation_policy(checkpoint_config: Any):
   metric = checkpoint_config.best_metric
   if checkpoint_config.best_mode not in ("min", "max"):
     raise ValueError(f"config key checkpoint.best_mode={checkpoint_config.best_mode!r} is not 'min' or 'max'")
+  minimize = checkpoint_config.best_mode == "min"
+  worst = float("inf") if minimize else float("-inf")
   best = policies.BestN(
-      get_metric_fn=lambda metrics: metrics[metric],
+      # A checkpoint written under another best_metric ranks last instead of failing.
+      get_metric_fn=lambda metrics: metrics.get(metric, worst),
       # BestN keeps the last n after sorting ascending; reverse for "min".
-      reverse=checkpoint_config.best_mode == "min",
+      reverse=minimize,
       n=int(checkpoint_config.keep_best),
-      keep_checkpoints_without_metrics=True,
+      # Checkpoints without metrics (saved between evaluations, at the end, on SIGTERM)
+      # are LatestN's to keep or delete; BestN keeping them would keep them forever.
+      keep_checkpoints_without_metrics=False,
   )
   return policies.AnyPreservationPolicy([latest, best])
 
@@ -55,6 +60,12 @@ def make_manager(directory: str | Path, checkpoint_config: Any, with_data: bool 
 
 
 def save_train_state(manager, step: int, state, data_iterator, config, metrics: dict | None = None) -> None:
+  """Saves state + iterator + config; `metrics` (e.g. validation) rank it for best_metric."""
+  best = config.checkpoint.best_metric
+  if metrics is not None and best and best not in metrics:
+    raise ValueError(
+        f"config key checkpoint.best_metric={best!r} is not among the metrics of step {step}: {sorted(metrics)}"
+    )
   args = {
       "state": ocp.args.StandardSave(state),
       "config": ocp.args.JsonSave(config_to_json(config)),

@@ -52,8 +52,9 @@ def find_tokenizer(config: ml_collections.ConfigDict, checkpoint_dir: Path) -> s
 
 
 def load(checkpoint_dir: str | Path, step: int | None = None, mesh_config=None,
-         overrides: dict | None = None) -> LoadedModel:
-  """Restores params onto a mesh over the present devices, whatever mesh trained them."""
+         overrides: dict | None = None, devices: Sequence[jax.Device] | None = None) -> LoadedModel:
+  """Restores params onto a mesh over `devices` (default: all present), whatever mesh
+  trained them; `mesh_config` defaults to pure data parallelism."""
   from cftjax.data import tokenizer as tokenizer_lib
   from cftjax.train import init_params_fn
 
@@ -65,7 +66,7 @@ def load(checkpoint_dir: str | Path, step: int | None = None, mesh_config=None,
     for p in parents:
       node = node[p]
     node[leaf] = value
-  mesh = sharding.make_mesh(mesh_config or ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
+  mesh = sharding.make_mesh(mesh_config or ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}), devices)
   model = Transformer(ModelConfig.from_config(config.model))
   abstract, shardings = sharding.abstract_params_and_shardings(init_params_fn(model, 0), mesh)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

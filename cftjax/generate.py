@@ -153,6 +153,23 @@ def choose_tokens(logits_BxV: Array, keys_B: Array, step: Array, temperature: fl
   return jax.vmap(jax.random.categorical)(step_keys, scaled).astype(jnp.int32)
 
 
+def _head_on_last_position(next_fun, args, kwargs, context):
+  """flax method interceptor: the Transformer's output head sees only the last position.
+
+  Prefill needs the next-token logits of the last slot only; the full [B, P, V] float32
+  logits would be gigabytes for 150k-token vocabularies. The model has no switch for this,
+  so the head's input is sliced on its way in (untied `lm_head`, or tied `embed.attend`).
+  """
+  module = context.module
+  is_head = isinstance(module.parent, Transformer) and (
+      (module.name == "lm_head" and context.method_name == "__call__")
+      or (module.name == "embed" and context.method_name == "attend")
+  )
+  if is_head:
+    args = (args[0][:, -1:],) + tuple(args[1:])
+  return next_fun(*args, **kwargs)
+
+
 def _is_eos(tokens_B: Array, eos_ids: tuple[int, ...]) -> Array:
   if not eos_ids:
     return jnp.zeros(tokens_B.shape, bool)
@@ -194,7 +211,8 @@ def generate_tokens(
   segment_ids_BxP = (slots_P[None, :] >= num_pad_B[:, None]).astype(jnp.int32)
   positions_BxP = jnp.maximum(slots_P[None, :] - num_pad_B[:, None], 0)
 
-  cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
+  # The last new token is never fed back, so P + N - 1 slots suffice.
+  cache = init_cache(model.config, batch, prompt_len + max_new_tokens - 1)
   cache_axes = (None, "act_batch", None, "act_kv_heads", None)
   cache["k"] = nn.with_logical_constraint(cache["k"], cache_axes)
   cache["v"] = nn.with_logical_constraint(cache["v"], cache_axes)
@@ -202,8 +220,9 @@ def generate_tokens(
   # Pad slots are masked out, but they still pass through the model: feed token 0 there so
   # a pad_id outside the vocabulary cannot turn them into NaN (0 * NaN leaks through).
   model_tokens_BxP = jnp.where(segment_ids_BxP == 1, prompt_tokens_BxP, 0)
-  logits_BxPxV, cache = model.apply(variables, model_tokens_BxP, positions_BxP, segment_ids_BxP, cache)
-  first_B = choose_tokens(logits_BxPxV[:, -1], rng_B, jnp.int32(0), temperature, top_p)
+  with nn.intercept_methods(_head_on_last_position):
+    logits_Bx1xV, cache = model.apply(variables, model_tokens_BxP, positions_BxP, segment_ids_BxP, cache)
+  first_B = choose_tokens(logits_Bx1xV[:, -1], rng_B, jnp.int32(0), temperature, top_p)
   done_B = _is_eos(first_B, eos_ids)
   out_BxN = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_B)
   num_tokens_B = (~done_B).astype(jnp.int32)

@@ -69,14 +69,34 @@ def logical_to_shardings(logical_specs: Any, mesh: Mesh, rules=LOGICAL_RULES) ->
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
+def fit_sharding_to_shape(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+  """Replicates every dimension that its mesh axes do not divide evenly.
+
+  Fix: jit refuses a parameter sharding that does not divide the dimension, so a model
+  with fewer kv heads than the tensor axis (Qwen2.5-7B: 4 kv heads, tensor=8) or a vocab
+  the tensor axis does not divide (32001) could not be placed at all. Replicating that
+  one dimension is what Megatron-style stacks do for kv heads; the rest stays sharded.
+  """
+  spec = list(sharding.spec)
+  for dim, axes in enumerate(spec):
+    if axes is None:
+      continue
+    names = axes if isinstance(axes, tuple) else (axes,)
+    if shape[dim] % int(np.prod([sharding.mesh.shape[n] for n in names])):
+      spec[dim] = None
+  return NamedSharding(sharding.mesh, P(*spec))
+
+
 def abstract_params_and_shardings(
     init_fn: Callable[[], Any], mesh: Mesh, rules=LOGICAL_RULES
 ) -> tuple[Any, Any]:
   """(unboxed ShapeDtypeStruct tree, NamedSharding tree) for a boxed-param init function."""
   boxed = jax.eval_shape(init_fn)
   specs = nn.get_partition_spec(boxed)
-  shardings = logical_to_shardings(specs, mesh, rules)
   abstract = nn.meta.unbox(boxed)
+  shardings = jax.tree.map(
+      lambda s, a: fit_sharding_to_shape(s, a.shape), logical_to_shardings(specs, mesh, rules), abstract
+  )
   return abstract, shardings
 
 

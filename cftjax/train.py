@@ -223,13 +223,16 @@ def estimate_num_steps(config, sources, tokenizer_path: str, rows_per_step: int)
 def _validation_loss(steps, params, config, sources, tokenizer_path, rows, mesh, num_sources) -> dict:
   ds = pipeline.make_dataset(config.data, sources, tokenizer_path, rows=rows, train=False,
                              process_index=jax.process_index(), process_count=jax.process_count())
-  totals = None
-  for i, batch in enumerate(ds):
-    if i >= config.train.eval_batches:
+  totals, batches = None, iter(ds)
+  for _ in range(config.train.eval_batches):
+    batch = next(batches, None)
+    if not _across_processes(batch is not None, False)[0]:
       break
     arrays = sharding.host_batch_to_global(pipeline.model_inputs(pipeline.pad_rows(batch, rows)), mesh)
     sums = jax.device_get(steps.eval(params, arrays))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+  if totals is None:
+    raise ValueError(f"validation split {config.data.validation_split!r} gave no batch on every process")
   means = jax.device_get(objectives.mean_losses(totals))
   means["tokens_by_source"] = totals.get("weight_sum_by_source", [])
   out = {"val_loss": float(means["loss"])}
@@ -238,6 +241,21 @@ def _validation_loss(steps, params, config, sources, tokenizer_path, rows, mesh,
       out[f"val_loss_{name}"] = float(means[f"loss_{name}"])
   out.update(_per_source(sources, means, "val_loss_source/"))
   return out
+
+
+def _across_processes(has_batch: bool, stop_requested: bool) -> tuple[bool, bool]:
+  """(every process has a batch, some process was asked to stop): the same on all processes.
+
+  Hosts pack different examples, so one may run out of data first, and a signal may reach
+  the hosts at different steps; a host that trained or saved alone would hang in a
+  collective. With several processes this costs one tiny all-gather per step.
+  """
+  if jax.process_count() == 1:
+    return has_batch, stop_requested
+  from jax.experimental import multihost_utils
+
+  flags = np.asarray(multihost_utils.process_allgather(np.asarray([has_batch, stop_requested]))).reshape(-1, 2)
+  return bool(flags[:, 0].all()), bool(flags[:, 1].any())
 
 
 def _per_source(sources, means: dict, prefix: str) -> dict[str, float]:
@@ -349,15 +367,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequenc
   try:
     with _StopFlag() as stop:
       while step < num_steps:
-        try:
-          batch = next(data_iter)
-        except StopIteration:
+        batch = next(data_iter, None)
+        if batch is not None:
+          batch = pipeline.pad_rows(batch, rows)
+          host = pipeline.batch_stats(batch)
+          arrays = sharding.host_batch_to_global(pipeline.model_inputs(batch), mesh)
+        every_process_has_batch, stop_requested = _across_processes(batch is not None, bool(stop.reason))
+        if not every_process_has_batch:
           stopped = "data exhausted"
           writer.console(f"training data exhausted after {config.data.num_epochs} epoch(s) at step {step}")
           break
-        batch = pipeline.pad_rows(batch, rows)
-        host = pipeline.batch_stats(batch)
-        arrays = sharding.host_batch_to_global(pipeline.model_inputs(batch), mesh)
         state, device_metrics = steps.train(state, arrays)
         step += 1
         window_tokens += host["nonpad_fraction"] * rows * config.data.max_length * jax.process_count()
@@ -373,20 +392,23 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequenc
           writer.console(f"step {step} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
         if step % config.train.log_every == 0:
           flush()
-        if stop.reason:
+        # One process: the signal may have come during this step. Several: all act on the
+        # flags gathered before it, so they save the same step.
+        if stop.reason if jax.process_count() == 1 else stop_requested:
           save(step, eval_metrics)
-          stopped = stop.reason
-          writer.console(f"{stop.reason}: saved checkpoint at step {step}, exiting")
+          last_good_step, stopped = step, stop.reason or "stop requested by another process"
+          writer.console(f"{stopped}: saved checkpoint at step {step}, exiting")
           break
         if step % config.checkpoint.every_steps == 0 or step == num_steps:
           save(step, eval_metrics)
           last_good_step = step
-    if step != last_good_step and not stopped.startswith("SIG"):
+    if step != last_good_step:
       save(step)
     flush()
   finally:
     manager.wait_until_finished()
     manager.close()
+    data_iter.close()  # stops worker processes (data.worker_count > 0)
     writer.close()
   return RunResult(step, last_metrics, workdir, stopped)
 

@@ -1,6 +1,7 @@
 """Generation: cached decoding is exact, rows are independent, EOS/stop strings, sampling, HF parity."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -95,6 +96,34 @@ def test_row_output_independent_of_batch_neighbours(tiny):
   # Sampling keys follow the prompt's index (0 in both calls), not its batch or padding.
   alone = gen.generate(model, params, [row], SAMPLED, progress=False)[0]
   assert alone == gen.generate(model, params, [row] + neighbours, SAMPLED, progress=False)[0]
+
+
+def _all_shapes(jaxpr) -> set:
+  """Shapes of every value a jaxpr (and the jaxprs nested in it) computes."""
+  shapes = set()
+  for eqn in jaxpr.eqns:
+    shapes.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          shapes |= _all_shapes(inner)
+  return shapes
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_prefill_computes_logits_for_the_last_position_only(tie_embeddings):
+  config = dataclasses.replace(tiny_config(), tie_embeddings=tie_embeddings, vocab_size=96)
+  _, params = init_params(config)
+  batch, length = 2, 16
+  program = functools.partial(
+      gen.generate_tokens, model=Transformer(config), max_new_tokens=4, temperature=0.0,
+      top_p=1.0, eos_ids=(), pad_id=0,
+  )
+  tokens, lengths = gen.left_pad([[1, 2, 3], [4]], length, pad_id=0)
+  jaxpr = jax.make_jaxpr(program)(params, tokens, lengths, np.zeros((batch, 2), np.uint32))
+  shapes = _all_shapes(jaxpr.jaxpr)
+  assert (batch, 1, 96) in shapes and (batch, length, 96) not in shapes
 
 
 def test_params_wrapped_in_flax_variables_dict_accepted(tiny):

@@ -10,7 +10,8 @@ Compiling a train step costs seconds on CPU, so each layout is compiled once per
 (fixtures below) and every test reads the results.
 """
 
-import flax.linen as nn
+import dataclasses
+
 import jax
 import ml_collections
 import numpy as np
@@ -78,7 +79,7 @@ def uneven_micro_batches(seed: int) -> dict[str, np.ndarray]:
   batch["targets"][:] = rng.integers(1, MODEL_CONFIG.vocab_size, (ROWS, LENGTH))
   batch["positions"][:] = np.arange(LENGTH)
   batch["segment_ids"][:] = 1
-  batch["objective_ids"][:] = rng.integers(0, 2, (ROWS, 1))
+  batch["objective_ids"][:] = (np.arange(ROWS) % 2)[:, None]  # both objectives carry targets
   batch["source_ids"][:] = rng.integers(0, NUM_SOURCES, (ROWS, 1))
   for micro, tokens_per_row in enumerate((16, 5, 0, 1)):
     batch["weights"][micro::ACCUM, LENGTH - tokens_per_row:] = 1.0
@@ -162,6 +163,7 @@ def assert_trees_close(actual, expected, rtol, atol):
 
 
 def assert_metrics_close(got: dict, want: dict, where: str):
+  assert np.isfinite(want["loss"]) and want["tokens_cft"] > 0 and want["tokens_sft"] > 0, where
   for key in ("loss", "loss_cft", "loss_sft", "tokens_cft", "tokens_sft", "grad_norm",
               "learning_rate", "loss_by_source"):
     np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=f"{where} {key}")
@@ -234,6 +236,29 @@ def test_shardings_like_params_gives_adam_moments_the_param_shardings():
   got = sharding.shardings_like_params(opt_state, params, param_shardings, mesh)
   assert got[0].mu == param_shardings and got[0].nu == param_shardings
   assert got[0].count.spec == P()  # not a parameter: replicated
+
+
+def test_a_dimension_the_mesh_does_not_divide_is_replicated_not_rejected():
+  # 2 kv heads on tensor=4 (as Qwen2.5-7B's 4 kv heads on tensor=8) and a vocab of 61.
+  config = dataclasses.replace(MODEL_CONFIG, vocab_size=61, num_kv_heads=2)
+  model = Transformer(config)
+  mesh = sharding.make_mesh(mesh_config(data=1, fsdp=2, tensor=4))
+  abstract, shardings = sharding.abstract_params_and_shardings(train.init_params_fn(model, 0), mesh)
+  attn = shardings["layers"]["attn"]
+  assert attn["q_proj"]["kernel"].spec == P(None, "fsdp", "tensor", None)  # 4 heads: split
+  assert attn["k_proj"]["kernel"].spec == P(None, "fsdp", None, None)  # 2 kv heads: replicated
+  assert attn["k_proj"]["bias"].spec == P(None, None, None)
+  assert shardings["embed"]["embedding"].spec == P(None, "fsdp")  # vocab 61: replicated
+  for leaf, leaf_sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+    jax.device_put(np.zeros(leaf.shape, leaf.dtype), leaf_sharding)  # jit accepts what this accepts
+
+
+def test_fit_sharding_to_shape_checks_the_product_of_grouped_axes():
+  mesh = sharding.make_mesh(mesh_config(data=2, fsdp=2, tensor=2))
+  grouped = NamedSharding(mesh, P(("data", "fsdp"), "tensor"))
+  assert sharding.fit_sharding_to_shape(grouped, (8, 6)).spec == P(("data", "fsdp"), "tensor")
+  assert sharding.fit_sharding_to_shape(grouped, (6, 6)).spec == P(None, "tensor")  # 6 % 4
+  assert sharding.fit_sharding_to_shape(grouped, (8, 3)).spec == P(("data", "fsdp"), None)
 
 
 # ------------------------------------------------------------------------------ sharded step

@@ -1,0 +1,87 @@
+"""Named record sources: the mixture spec, the demo sources, prepared TFDS datasets, and the
+tokenizer a config resolves to."""
+
+import json
+
+import pytest
+
+from cftjax.data import pipeline
+from cftjax.data import sources as sources_lib
+from cftjax.data import tfds_builder
+from configs import base
+
+
+def data_config(data_dir, **changes):
+  config = base.get_config().data
+  config.data_dir = str(data_dir)
+  config.update_from_flattened_dict({"demo.num_train": 24, "demo.num_validation": 4, "demo.num_test": 4,
+                                     "max_length": 256, **changes})
+  return config
+
+
+def test_parse_mixture():
+  assert sources_lib.parse_mixture(" a:2, b:0.5 ,c") == [
+      sources_lib.MixtureEntry("a", 2.0), sources_lib.MixtureEntry("b", 0.5), sources_lib.MixtureEntry("c", 1.0)]
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("a:x", r"data.mixture: weight 'x' of 'a' is not a number"),
+    ("a:0", r"data.mixture: weight of 'a' must be positive"),
+    (" , ", r"data.mixture is empty"),
+    ("a:1,a:2", r"data.mixture names a source twice"),
+])
+def test_bad_mixture_names_the_key(spec, message):
+  with pytest.raises(ValueError, match=message):
+    sources_lib.parse_mixture(spec)
+
+
+def test_demo_sources_and_tokenizer(tmp_path):
+  config = data_config(tmp_path, mixture="demo_cft:3,demo_sft:1")
+  prepared = sources_lib.prepare(config)
+  sources = sources_lib.load_sources(config, "train", prepared)
+  assert [(s.name, s.weight, len(s.records)) for s in sources] == [("demo_cft", 3.0, 24), ("demo_sft", 1.0, 24)]
+  assert {r["objective"] for r in sources[0].records} == {"cft"}
+  assert {r["objective"] for r in sources[1].records} == {"sft"}
+  # The same problems in both views.
+  assert [r["query"] for r in sources[0].records] == [r["query"] for r in sources[1].records]
+  assert len(sources_lib.load_sources(config, "validation", prepared)[0].records) == 4
+  assert sources_lib.tokenizer_path(config, prepared) == str(prepared.tokenizer_path)
+  config.tokenizer = "/some/tokenizer.model"
+  assert sources_lib.tokenizer_path(config, prepared) == "/some/tokenizer.model"
+
+
+def test_bad_source_config_names_the_key(tmp_path):
+  with pytest.raises(ValueError, match=r"data.mixture: 'webinstruct' is not a demo source"):
+    sources_lib.load_sources(data_config(tmp_path, mixture="webinstruct:1"), "train")
+  with pytest.raises(ValueError, match=r"data.source='hf' is not 'demo' or 'tfds'"):
+    sources_lib.prepare(data_config(tmp_path, source="hf"))
+  with pytest.raises(ValueError, match=r"data.tokenizer is empty"):
+    sources_lib.tokenizer_path(data_config(tmp_path, source="tfds"), None)
+
+
+def test_prepared_tfds_datasets_mix_into_training_batches(tmp_path):
+  def write(name, rows):
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+  cft = write("cft", [{"query": f"What is {i} + {i}?", "response": f"{i + i + i % 2}",
+                       "critique": f"Checked.\nConclusion: {'right' if i % 2 == 0 else 'wrong'}"} for i in range(30)])
+  sft = write("sft", [{"query": f"What is {i} * 2?", "response": f"{2 * i}"} for i in range(20)])
+  data_dir = tmp_path / "tfds"
+  tfds_builder.build_dataset([cft], format="triples", name="my_cft", data_dir=data_dir, validation_fraction=0.0)
+  tfds_builder.build_dataset([sft], format="sft", name="my_sft", data_dir=data_dir, validation_fraction=0.0)
+
+  demo = sources_lib.prepare(data_config(tmp_path / "demo"))  # any SentencePiece model will do
+  config = data_config(data_dir, source="tfds", mixture="my_cft:2,my_sft:1", tokenizer=str(demo.tokenizer_path))
+  assert sources_lib.prepare(config) is None
+  sources = sources_lib.load_sources(config, "train")
+  assert [(s.name, s.weight, len(s.records)) for s in sources] == [("my_cft", 2.0, 30), ("my_sft", 1.0, 20)]
+  assert sources[0].records[0]["objective"] == "cft" and sources[1].records[0]["objective"] == "sft"
+
+  ds = pipeline.make_dataset(config, sources, sources_lib.tokenizer_path(config, None), rows=2, train=True)
+  stats = [pipeline.batch_stats(b) for b in ds]
+  # Weights 2:1 over 30 and 20 examples: the CFT source runs out first, at 30 + 15.
+  assert sum(s["examples"] for s in stats) == 45
+  with pytest.raises(FileNotFoundError, match="no prepared dataset 'missing'"):
+    sources_lib.load_sources(data_config(data_dir, source="tfds", mixture="missing:1"), "train")
