@@ -7,40 +7,29 @@ from pathlib import Path
 import jax
 
 
+def maybe_initialize_distributed() -> None:
+  """Joins a multi-host run when the environment describes one (TPU pod slice, or
+  JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID set by a launcher)."""
+  tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize(
+        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+        process_id=int(os.environ["JAX_PROCESS_ID"]),
+    )
+  elif "," in tpu_hosts:
+    jax.distributed.initialize()  # Cloud TPU pods describe themselves
+
+
 def default_workdir(config_filename: str) -> Path:
   return Path("runs") / Path(config_filename.split(":")[0]).stem
-
-
-def initialize_distributed(environ=os.environ) -> None:
-  """Joins a multi-process run when the environment describes one; else stays one process.
-
-  Must run before anything touches a JAX backend (jax.devices(), jax.process_count(), ...).
-  Explicit: JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID (several
-  processes on one machine, GPU hosts without a scheduler). Otherwise jax's own cluster
-  detection (Cloud TPU pods, SLURM, Open MPI, Kubernetes) decides.
-  """
-  if environ.get("JAX_NUM_PROCESSES"):
-    missing = [k for k in ("JAX_COORDINATOR_ADDRESS", "JAX_PROCESS_ID") if not environ.get(k)]
-    if missing:
-      raise ValueError(f"JAX_NUM_PROCESSES is set, so {' and '.join(missing)} must be set too")
-    jax.distributed.initialize(
-        coordinator_address=environ["JAX_COORDINATOR_ADDRESS"],
-        num_processes=int(environ["JAX_NUM_PROCESSES"]),
-        process_id=int(environ["JAX_PROCESS_ID"]),
-    )
-    return
-  try:
-    jax.distributed.initialize()
-  except ValueError as e:
-    if "coordinator_address should be defined" not in str(e):
-      raise  # a cluster was detected but is misconfigured: say so
-    # No cluster detected: a single process.
 
 
 def train_main(config, workdir: str | None, config_filename: str) -> None:
   from cftjax import train
 
-  initialize_distributed()
+  quiet_library_logs()
+  maybe_initialize_distributed()
   workdir = Path(workdir) if workdir else default_workdir(config_filename)
   try:
     result = train.run(config, workdir)
@@ -48,3 +37,31 @@ def train_main(config, workdir: str | None, config_filename: str) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   print(f"done: step {result.final_step}; checkpoints, metrics.jsonl and config.json in {result.workdir}")
+
+
+def quiet_library_logs() -> None:
+  """Library INFO logs (orbax, absl) would bury the progress lines users read."""
+  from absl import logging
+
+  logging.set_verbosity(logging.WARNING)
+
+
+def eval_main(flags) -> None:
+  from cftjax import evaluate
+
+  quiet_library_logs()
+  if flags.task in ("math", "critique") and not flags.data:
+    sys.exit(f"error: --task={flags.task} needs --data=FILE.jsonl")
+  loaded = evaluate.load(flags.checkpoint, flags.step)
+  max_new = flags.max_new_tokens or (384 if flags.task == "demo" else 2048)
+  sampling = evaluate.sampling_for(loaded, max_new, flags.temperature, flags.top_p, flags.seed)
+  if flags.task == "demo":
+    rows, summary = evaluate.run_demo(loaded, sampling, flags.batch_size, flags.limit)
+  elif flags.task == "math":
+    rows, summary = evaluate.run_math(loaded, flags.data, sampling, flags.batch_size, flags.limit)
+  else:
+    rows, summary = evaluate.run_critique(loaded, flags.data, sampling, flags.batch_size, flags.limit)
+  out = Path(flags.out) if flags.out else Path(flags.checkpoint) / "eval" / flags.task
+  evaluate.write_results(out, flags.task, rows, summary)
+  print(evaluate.format_summary(flags.task, summary))
+  print(f"per-example results and {flags.task}_summary.json in {out}")

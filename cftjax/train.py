@@ -208,16 +208,21 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[Transformer, ModelCo
 
 
 def estimate_num_steps(config, sources, tokenizer_path: str, rows_per_step: int) -> int:
-  """Steps for data.num_epochs when train.num_steps=-1: tokens / row capacity, packed."""
-  encode = pipeline.EncodeExample(tokenizer_path, config.data.chat_template, config.data.max_length,
-                                  config.data.truncation)
-  tokens = 0
-  for source_id, source in enumerate(sources):
-    for i in range(len(source.records)):
-      tokens += len(encode((source_id, source.records[i]))["inputs"])
-  rows = tokens / config.data.max_length if config.data.packing else sum(len(s.records) for s in sources)
-  # First-fit packing leaves a little padding; count it so the schedule ends on the data.
-  return max(1, math.ceil(rows * config.data.num_epochs / 0.97 / rows_per_step))
+  """Steps for data.num_epochs when train.num_steps=-1: the batches of one epoch, counted by
+  running the pipeline once (tokenize, truncate, pack), times the epochs.
+
+  Counting beats a token-count formula: packing efficiency depends on the lengths, and a
+  weighted mixture ends its epoch when its first source runs out. Every host counts the
+  whole split, so all get the same schedule.
+  """
+  one_epoch = ml_collections.ConfigDict(config.data.to_dict())
+  one_epoch.num_epochs = 1
+  iterator = iter(pipeline.make_dataset(one_epoch, sources, tokenizer_path, rows=rows_per_step, train=True))
+  try:
+    batches = sum(1 for _ in iterator)
+  finally:
+    iterator.close()
+  return max(1, batches * int(config.data.num_epochs))
 
 
 def _validation_loss(steps, params, config, sources, tokenizer_path, rows, mesh, num_sources) -> dict:
@@ -296,6 +301,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequenc
   num_sources = len(train_sources)
   num_steps = int(config.train.num_steps)
   if num_steps <= 0:
+    writer.console("train.num_steps=-1: counting the packed batches of one epoch")
     num_steps = estimate_num_steps(config, train_sources, tokenizer_path, config.train.global_batch_size)
     writer.console(f"train.num_steps=-1: {config.data.num_epochs} epoch(s) ~ {num_steps} steps")
 

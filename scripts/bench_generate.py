@@ -1,7 +1,7 @@
 """Benchmark: prefill and decode throughput of cftjax.generate against transformers.
 
   python scripts/bench_generate.py [--models=demo,100m] [--batch_sizes=1,16]
-      [--prompt_length=64] [--new_tokens=64] [--repeats=3] [--out=FILE.json]
+      [--prompt_length=64] [--new_tokens=64] [--repeats=3] [--noscan_layers] [--out=FILE.json]
 
 For each model a random Llama is built with transformers (float32), saved, imported with
 cftjax.hf.import_params, and both sides run greedy generation on the same random prompts
@@ -10,13 +10,15 @@ cftjax.hf.import_params, and both sides run greedy generation on the same random
   prefill tokens/s = batch * prompt_length / time(generate 1 token)
   decode tokens/s  = batch * (new_tokens - 1) / (time(generate new_tokens) - time(generate 1))
 
-Times are medians over --repeats runs after one warm-up run (our compilation excluded).
+Times are medians over --repeats runs after one warm-up run (our compilation excluded);
+our runs and transformers' runs interleave, so a busy machine slows both alike.
 "ratio" is ours / transformers; "same tokens" is the share of rows whose greedy tokens
 agree exactly (random models have near-ties, so an occasional divergence late in a row is
 float rounding, not a bug; the tests check exact agreement on a small model).
 """
 
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -40,6 +42,9 @@ _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Batch sizes to run
 _PROMPT_LENGTH = flags.DEFINE_integer("prompt_length", 64, "Tokens per prompt.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "Tokens generated per prompt (no EOS).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median reported).")
+_SCAN_LAYERS = flags.DEFINE_bool(
+    "scan_layers", True, "Our model.scan_layers (False unrolls the layers: on CPU each scanned "
+    "decode step copies its layer's weights, so unrolled decodes faster).")
 _OUT = flags.DEFINE_string("out", "", "Optional JSON file for the results.")
 
 # Architectures (Llama layout, untied head, grouped-query attention).
@@ -64,29 +69,37 @@ def build_models(name: str, workdir: Path):
   hf_model = transformers.LlamaForCausalLM(hf_config).eval()
   hf_dir = workdir / name
   hf_model.save_pretrained(hf_dir)
-  config = ModelConfig.from_config(hf.hf_model_config(hf_dir, warn=False))
+  config = ModelConfig.from_config({**hf.hf_model_config(hf_dir, warn=False), "scan_layers": _SCAN_LAYERS.value})
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
   params = hf.import_params(hf_dir, config, mesh)
   return hf_model, Transformer(config), params
 
 
-def median_seconds(fn, repeats: int) -> float:
-  fn()  # warm-up: compilation, caches
-  times = []
+def seconds(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def timed_medians(runs: dict, repeats: int) -> dict:
+  """Median seconds per named run; runs interleave so load changes hit all of them alike."""
+  for fn in runs.values():
+    fn()  # warm-up: compilation, caches
+  times = {name: [] for name in runs}
   for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    for name, fn in runs.items():
+      times[name].append(seconds(fn))
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_ours(model, params, prompts, new_tokens, repeats):
-  run = lambda n: gen.generate(model, params, prompts, gen.SamplingConfig(max_new_tokens=n),
-                               batch_size=len(prompts), progress=False)
-  return median_seconds(lambda: run(1), repeats), median_seconds(lambda: run(new_tokens), repeats), run(new_tokens)
+def ours_runner(model, params, prompts):
+  def run(n):
+    sampling = gen.SamplingConfig(max_new_tokens=n)
+    return gen.generate(model, params, prompts, sampling, batch_size=len(prompts), progress=False)
+  return run
 
 
-def bench_hf(hf_model, prompts, new_tokens, repeats):
+def hf_runner(hf_model, prompts):
   import torch
 
   ids = torch.tensor(prompts)
@@ -97,11 +110,14 @@ def bench_hf(hf_model, prompts, new_tokens, repeats):
                               min_new_tokens=n, do_sample=False)
     return out[:, ids.shape[1]:].tolist()
 
-  return median_seconds(lambda: run(1), repeats), median_seconds(lambda: run(new_tokens), repeats), run(new_tokens)
+  return run
 
 
 def throughput(batch, prompt_length, new_tokens, t_prefill, t_full):
-  return batch * prompt_length / t_prefill, batch * (new_tokens - 1) / max(t_full - t_prefill, 1e-9)
+  """(prefill, decode) tokens/s; decode is nan when noise made the longer run not longer."""
+  decode_seconds = t_full - t_prefill
+  decode = batch * (new_tokens - 1) / decode_seconds if decode_seconds > 0 else float("nan")
+  return batch * prompt_length / t_prefill, decode
 
 
 def main(argv):
@@ -111,7 +127,8 @@ def main(argv):
   p_len, n_new, repeats = _PROMPT_LENGTH.value, _NEW_TOKENS.value, _REPEATS.value
   results = []
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} "
-        f"with {torch.get_num_threads()} threads; prompt {p_len} tokens, {n_new} new tokens")
+        f"with {torch.get_num_threads()} threads; prompt {p_len} tokens, {n_new} new tokens; "
+        f"scan_layers={_SCAN_LAYERS.value}; load average {os.getloadavg()[0]:.1f}")
   header = (f"{'model':>6} {'params':>7} {'batch':>5} | {'prefill tok/s':>13} {'hf':>9} {'ratio':>6} | "
             f"{'decode tok/s':>12} {'hf':>9} {'ratio':>6} | same tokens")
   print(header)
@@ -123,12 +140,14 @@ def main(argv):
       for batch in (int(b) for b in _BATCH_SIZES.value):
         rng = np.random.default_rng(batch)
         prompts = rng.integers(1, model.config.vocab_size, (batch, p_len)).tolist()
-        ours_1, ours_n, ours_tokens = bench_ours(model, params, prompts, n_new, repeats)
-        hf_1, hf_n, hf_tokens = bench_hf(hf_model, prompts, n_new, repeats)
-        ours_prefill, ours_decode = throughput(batch, p_len, n_new, ours_1, ours_n)
-        hf_prefill, hf_decode = throughput(batch, p_len, n_new, hf_1, hf_n)
+        ours, theirs = ours_runner(model, params, prompts), hf_runner(hf_model, prompts)
+        t = timed_medians({"ours_1": lambda: ours(1), "hf_1": lambda: theirs(1),
+                           "ours_n": lambda: ours(n_new), "hf_n": lambda: theirs(n_new)}, repeats)
+        ours_prefill, ours_decode = throughput(batch, p_len, n_new, t["ours_1"], t["ours_n"])
+        hf_prefill, hf_decode = throughput(batch, p_len, n_new, t["hf_1"], t["hf_n"])
+        ours_tokens, hf_tokens = ours(n_new), theirs(n_new)
         same = sum(a == b for a, b in zip(ours_tokens, hf_tokens)) / batch
-        row = dict(model=name, params=model.config.num_params(), batch=batch, prompt_length=p_len,
+        row = dict(model=name, scan_layers=model.config.scan_layers, params=model.config.num_params(), batch=batch, prompt_length=p_len,
                    new_tokens=n_new, prefill_tokens_per_s=ours_prefill, hf_prefill_tokens_per_s=hf_prefill,
                    decode_tokens_per_s=ours_decode, hf_decode_tokens_per_s=hf_decode, same_tokens=same)
         results.append(row)

@@ -42,8 +42,13 @@ def tiny():
   return init_params(tiny_config())
 
 
-def greedy(n=NEW_TOKENS, **kw):
+def settings(n=NEW_TOKENS, **kw) -> gen.SamplingConfig:
+  """Greedy unless told otherwise."""
   return gen.SamplingConfig(max_new_tokens=n, **kw)
+
+
+SAMPLED = settings(temperature=1.0, top_p=0.9, seed=3)
+choose = jax.jit(gen.choose_tokens, static_argnums=(3, 4))
 
 
 def make_mesh(data: int = 1, tensor: int = 1):
@@ -51,10 +56,6 @@ def make_mesh(data: int = 1, tensor: int = 1):
   if len(devices) < data * tensor:
     pytest.skip(f"needs {data * tensor} devices (tests/conftest.py simulates 8 CPU devices)")
   return sharding.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=1, tensor=tensor)), devices)
-
-
-SAMPLED = greedy(temperature=1.0, top_p=0.9, seed=3)
-choose = jax.jit(gen.choose_tokens, static_argnums=(3, 4))
 
 
 def reference_greedy(model, params, prompts, num_new):
@@ -81,7 +82,7 @@ def reference_greedy(model, params, prompts, num_new):
 def test_cached_greedy_equals_full_forward_argmax(scan_layers):
   model, params = init_params(tiny_config(scan_layers), seed=1)
   expected = reference_greedy(model, params, PROMPTS, NEW_TOKENS)
-  got = gen.generate(model, params, PROMPTS, greedy(), progress=False)
+  got = gen.generate(model, params, PROMPTS, settings(), progress=False)
   assert got == expected
   assert all(len(row) == NEW_TOKENS for row in got)
 
@@ -91,8 +92,8 @@ def test_row_output_independent_of_batch_neighbours(tiny):
   row = [12, 5, 33, 2, 9]
   # Alone: 11 pad slots in a 1-row batch; mixed: 27 pad slots beside a 20-token prompt.
   neighbours = [list(range(1, 21)), [17, 3], [8]]
-  alone = gen.generate(model, params, [row], greedy(), progress=False)[0]
-  assert alone == gen.generate(model, params, [row] + neighbours, greedy(), progress=False)[0]
+  alone = gen.generate(model, params, [row], settings(), progress=False)[0]
+  assert alone == gen.generate(model, params, [row] + neighbours, settings(), progress=False)[0]
   # Sampling keys follow the prompt's index (0 in both calls), not its batch or padding.
   alone = gen.generate(model, params, [row], SAMPLED, progress=False)[0]
   assert alone == gen.generate(model, params, [row] + neighbours, SAMPLED, progress=False)[0]
@@ -128,8 +129,8 @@ def test_prefill_computes_logits_for_the_last_position_only(tie_embeddings):
 
 def test_params_wrapped_in_flax_variables_dict_accepted(tiny):
   model, params = tiny
-  assert gen.generate(model, {"params": params}, PROMPTS, greedy(), progress=False) == (
-      gen.generate(model, params, PROMPTS, greedy(), progress=False)
+  assert gen.generate(model, {"params": params}, PROMPTS, settings(), progress=False) == (
+      gen.generate(model, params, PROMPTS, settings(), progress=False)
   )
 
 
@@ -141,17 +142,17 @@ def test_mesh_sharded_generation_equals_single_device(tiny):
   shardings = sharding.logical_to_shardings(nn.get_partition_spec(boxed), mesh)["params"]
   placed = jax.device_put(params, shardings)
   # Three prompts: the batch is padded to a multiple of the 2 data shards.
-  on_mesh = gen.generate(model, placed, PROMPTS[:3], greedy(), mesh=mesh, progress=False)
-  assert on_mesh == gen.generate(model, params, PROMPTS, greedy(), progress=False)[:3]
+  on_mesh = gen.generate(model, placed, PROMPTS[:3], settings(), mesh=mesh, progress=False)
+  assert on_mesh == gen.generate(model, params, PROMPTS, settings(), progress=False)[:3]
 
 
 # ------------------------------------------------------------------------------ stopping
 def test_eos_stops_each_row_at_its_first_eos(tiny):
   model, params = tiny
-  free = gen.generate(model, params, PROMPTS, greedy(), progress=False)
+  free = gen.generate(model, params, PROMPTS, settings(), progress=False)
   eos = free[0][3]  # a token row 0 produces mid-way; other rows may or may not produce it
   eos_ids, pad_id = (eos, 0), VOCAB + 100  # a pad id outside the vocabulary is harmless
-  stopped = gen.generate(model, params, PROMPTS, greedy(eos_ids=eos_ids, pad_id=pad_id), progress=False)
+  stopped = gen.generate(model, params, PROMPTS, settings(eos_ids=eos_ids, pad_id=pad_id), progress=False)
   for free_row, stopped_row in zip(free, stopped):
     cut = next((i for i, t in enumerate(free_row) if t in eos_ids), len(free_row))
     assert stopped_row == free_row[:cut]
@@ -180,14 +181,14 @@ def test_stop_strings_cut_tokens_on_host(tiny):
   assert gen.truncate_at_stop_strings("abc", ["x"]) == "abc"
 
   model, params = tiny
-  free = gen.generate(model, params, PROMPTS, greedy(), progress=False)
+  free = gen.generate(model, params, PROMPTS, settings(), progress=False)
   stop = decode(free[1][2:4])
-  cut = gen.generate(model, params, PROMPTS, greedy(stop_strings=(stop,)), progress=False, decode=decode)
+  cut = gen.generate(model, params, PROMPTS, settings(stop_strings=(stop,)), progress=False, decode=decode)
   for free_row, cut_row in zip(free, cut):
     assert cut_row == gen.cut_tokens_at_stop_strings(free_row, decode, [stop])
   assert stop in decode(cut[1]) and len(cut[1]) <= 4
   with pytest.raises(ValueError, match="decode"):
-    gen.generate(model, params, PROMPTS, greedy(stop_strings=("x",)), progress=False)
+    gen.generate(model, params, PROMPTS, settings(stop_strings=("x",)), progress=False)
 
 
 # ------------------------------------------------------------------------------ sampling
@@ -238,9 +239,9 @@ def test_buckets_and_left_padding():
 def test_bad_input_raises_clear_errors(tiny):
   model, params = tiny
   with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
-    gen.generate(model, params, [[1], []], greedy(), progress=False)
+    gen.generate(model, params, [[1], []], settings(), progress=False)
   with pytest.raises(ValueError, match=r"prompts\[0\] has token id 64"):
-    gen.generate(model, params, [[1, 64]], greedy(), progress=False)
+    gen.generate(model, params, [[1, 64]], settings(), progress=False)
   with pytest.raises(ValueError, match="top_p"):
     gen.SamplingConfig(max_new_tokens=4, top_p=0.0)
   with pytest.raises(ValueError, match="max_new_tokens"):
@@ -272,4 +273,4 @@ def test_greedy_matches_transformers_generate(tmp_path):
       )
       expected.append(out[0, len(prompt):].tolist())
   # One left-padded batch on our side (same shapes as the other tests: no new compile).
-  assert gen.generate(Transformer(config), params, PROMPTS, greedy(), progress=False) == expected
+  assert gen.generate(Transformer(config), params, PROMPTS, settings(), progress=False) == expected

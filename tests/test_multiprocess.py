@@ -37,7 +37,7 @@ DRIVER = textwrap.dedent("""
     sys.modules["torch"] = None  # tensorboardX imports torch when present; these runs need no torch
     sys.path.insert(0, sys.argv[1])
     from cftjax import cli
-    cli.initialize_distributed()  # from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+    cli.maybe_initialize_distributed()  # from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
     import jax
     from cftjax import train
     from cftjax.data import pipeline

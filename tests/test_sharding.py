@@ -129,9 +129,9 @@ def seed_init():
   """The real path: the train state created from the seed directly on the 2x2x2 mesh."""
   layout = Layout(sharding.make_mesh(mesh_config(**MESHES["data2_fsdp2_tensor2"])))
   state = layout.seed_state()
-  # The 2x2x2 run below donates this state: read what the tests check first.
   specs = jax.tree.map(lambda x: x.sharding.spec, state["params"])
-  return {"layout": layout, "state": state, "initial": jax.device_get(state["params"]), "specs": specs}
+  host_state = jax.device_get(state)  # train steps donate their input: keep a copy to re-place
+  return {"layout": layout, "host_state": host_state, "initial": host_state["params"], "specs": specs}
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,8 @@ def single_device(seed_init):
 def sharded(request, seed_init):
   assert jax.device_count() == 8, "tests/conftest.py sets 8 simulated CPU devices"
   if request.param == "data2_fsdp2_tensor2":
-    layout, state = seed_init["layout"], seed_init["state"]
+    layout = seed_init["layout"]
+    state = jax.device_put(seed_init["host_state"], layout.layout.shardings)
   else:
     layout = Layout(sharding.make_mesh(mesh_config(**MESHES[request.param])))
     state = train.init_state(layout.model, layout.tx, layout.mesh, 0, layout.layout, seed_init["initial"])

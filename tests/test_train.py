@@ -102,6 +102,11 @@ def final_params(config, workdir: Path):
   return jax.device_get(ckpt.load_params(workdir, layout.abstract["params"]))
 
 
+# Tests sharing the reference run (and its compiled programs); `pytest -n 2 --dist loadgroup`
+# keeps them on one worker instead of repeating the run on each.
+REFERENCE_GROUP = pytest.mark.xdist_group("train_reference_run")
+
+
 class Preempted(Exception):
   """Stands in for a crash or a killed host in the middle of a run."""
 
@@ -144,6 +149,7 @@ def reference(data_dir, tmp_path_factory):
   return workdir, result, seen
 
 
+@REFERENCE_GROUP
 def test_resume_after_a_crash_is_bit_identical(reference, data_dir, tmp_path, monkeypatch, capsys):
   ref_dir, ref_result, ref_batches = reference
   config = tiny_config(data_dir)
@@ -186,12 +192,14 @@ def test_resume_after_a_crash_is_bit_identical(reference, data_dir, tmp_path, mo
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
+@REFERENCE_GROUP
 def test_loss_falls(reference):
   workdir, _, _ = reference
   losses = [m["loss"] for _, m in sorted(step_lines(workdir).items())]
   assert losses[-1] < losses[0] - 0.5, losses
 
 
+@REFERENCE_GROUP
 def test_metrics_reach_jsonl_tensorboard_and_config(reference, data_dir):
   workdir, result, batches = reference
   lines = step_lines(workdir)
@@ -245,6 +253,7 @@ def _wait_for_line(proc: subprocess.Popen, pattern: str, timeout: float) -> list
   pytest.fail(f"no line matching {pattern!r} within {timeout}s; output:\n{''.join(lines)}")
 
 
+@REFERENCE_GROUP
 def test_sigterm_saves_at_the_next_step_and_resume_continues(reference, data_dir, compilation_cache, tmp_path, capsys):
   del reference  # its run compiled (and cached) the programs the child needs
   workdir = tmp_path / "run"
@@ -287,3 +296,17 @@ def test_mistyped_config_key_fails_naming_it(tmp_path):
   assert proc.returncode != 0
   assert "nonexistent" in proc.stderr, proc.stderr
   assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("mixture", ["demo_cft:1", "demo_cft:3,demo_sft:1"])
+def test_estimated_steps_are_the_batches_of_the_epochs(data_dir, mixture, packing):
+  """train.num_steps=-1 sizes the schedule to the data: packing leaves padding, and a 3:1
+  mixture ends its epoch when its first source runs out."""
+  config = tiny_config(data_dir, **{"data.mixture": mixture, "data.packing": packing, "data.max_length": 512,
+                                    "data.num_epochs": 2})
+  sources = sources_lib.load_sources(config.data, "train")
+  tokenizer = sources_lib.tokenizer_path(config.data, sources_lib.prepare(config.data))
+  batches = sum(1 for _ in pipeline.make_dataset(config.data, sources, tokenizer, rows=4, train=True))
+  estimate = train.estimate_num_steps(config, sources, tokenizer, 4)
+  assert abs(estimate - batches) <= 1, (batches, estimate)  # epoch 2 packs a new order
