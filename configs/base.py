@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.scan_layers = True  # nn.scan over layers: compile time independent of depth.
   # Rematerialisation policy per layer: none | full | dots | dots_no_batch.
   model.remat_policy = "none"
-  model.attention_impl = "xla"  # xla | cudnn (GPU) | splash (TPU).
+  model.attention_impl = "xla"  # xla | cudnn (GPU flash attention, bf16).
   # Initialise from an existing model: "" (random init), a Hugging Face model directory
   # (config.json + safetensors) or a cftjax checkpoint directory.
   model.init_from = ""

@@ -102,11 +102,6 @@ def final_params(config, workdir: Path):
   return jax.device_get(ckpt.load_params(workdir, layout.abstract["params"]))
 
 
-# Tests sharing the reference run (and its compiled programs); `pytest -n 2 --dist loadgroup`
-# keeps them on one worker instead of repeating the run on each.
-REFERENCE_GROUP = pytest.mark.xdist_group("train_reference_run")
-
-
 class Preempted(Exception):
   """Stands in for a crash or a killed host in the middle of a run."""
 
@@ -125,10 +120,9 @@ def spy_on_batches(monkeypatch, seen: list, fail_at: int | None = None) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory) -> Path:
-  path = tmp_path_factory.mktemp("jax_cache")
-  jax.config.update("jax_compilation_cache_dir", str(path))
-  return path
+def compilation_cache(tmp_path_factory) -> None:
+  """Runs of one config here compile once (jax rebuilds the jitted step per train.run)."""
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
 
 
 @pytest.fixture(scope="module")
@@ -138,22 +132,28 @@ def data_dir(tmp_path_factory) -> Path:
   return path
 
 
-@pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory):
-  """An uninterrupted 2N-step run: (workdir, result, training batches)."""
-  workdir = tmp_path_factory.mktemp("reference")
+def reference_run(data_dir: Path, workdir: Path):
+  """An uninterrupted 2N-step run: (result, training batches)."""
   seen: list = []
   with pytest.MonkeyPatch.context() as monkeypatch:
     spy_on_batches(monkeypatch, seen)
     result = train.run(tiny_config(data_dir), workdir, ONE_DEVICE)
-  return workdir, result, seen
+  return result, seen
 
 
-@REFERENCE_GROUP
-def test_resume_after_a_crash_is_bit_identical(reference, data_dir, tmp_path, monkeypatch, capsys):
-  ref_dir, ref_result, ref_batches = reference
+def test_run_learns_logs_and_resumes_bit_identically(data_dir, tmp_path, monkeypatch, capsys):
+  """The reference run, then the same run crashed after step N+1 and resumed. One test, so
+  the reference run happens once however pytest-xdist spreads the tests."""
+  ref_dir = tmp_path / "reference"
+  ref_result, ref_batches = reference_run(data_dir, ref_dir)
+  check_loss_falls(ref_dir)
+  check_metrics_logged(ref_dir, ref_result, ref_batches, data_dir)
+  capsys.readouterr()
+  check_resume_after_a_crash(data_dir, tmp_path / "run", ref_dir, ref_result, ref_batches, monkeypatch, capsys)
+
+
+def check_resume_after_a_crash(data_dir, workdir, ref_dir, ref_result, ref_batches, monkeypatch, capsys):
   config = tiny_config(data_dir)
-  workdir = tmp_path / "run"
 
   # Crash after step N+1: trained and logged, but only step N is checkpointed.
   first_batches: list = []
@@ -192,16 +192,13 @@ def test_resume_after_a_crash_is_bit_identical(reference, data_dir, tmp_path, mo
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
-@REFERENCE_GROUP
-def test_loss_falls(reference):
-  workdir, _, _ = reference
+def check_loss_falls(workdir: Path):
   losses = [m["loss"] for _, m in sorted(step_lines(workdir).items())]
   assert losses[-1] < losses[0] - 0.5, losses
 
 
-@REFERENCE_GROUP
-def test_metrics_reach_jsonl_tensorboard_and_config(reference, data_dir):
-  workdir, result, batches = reference
+def check_metrics_logged(workdir: Path, result, batches, data_dir: Path):
+  """metrics.jsonl holds every step's metrics; TensorBoard events and config.json exist."""
   lines = step_lines(workdir)
   for step, m in lines.items():
     missing = [k for k in STEP_KEYS if k not in m]
@@ -253,14 +250,10 @@ def _wait_for_line(proc: subprocess.Popen, pattern: str, timeout: float) -> list
   pytest.fail(f"no line matching {pattern!r} within {timeout}s; output:\n{''.join(lines)}")
 
 
-@REFERENCE_GROUP
-def test_sigterm_saves_at_the_next_step_and_resume_continues(reference, data_dir, compilation_cache, tmp_path, capsys):
-  del reference  # its run compiled (and cached) the programs the child needs
+def test_sigterm_saves_at_the_next_step_and_resume_continues(data_dir, tmp_path, capsys):
   workdir = tmp_path / "run"
   changes = {"train.num_steps": 100000, "checkpoint.every_steps": 100000, "train.eval_every": 0}
-  # One device, like the in-process runs, so the child reuses their compiled programs.
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
-         "JAX_COMPILATION_CACHE_DIR": str(compilation_cache)}
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
   proc = subprocess.Popen(
       [sys.executable, "scripts/train.py", f"--workdir={workdir}", *override_flags(data_dir, **changes)],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -279,7 +272,7 @@ def test_sigterm_saves_at_the_next_step_and_resume_continues(reference, data_dir
   assert saved > 0 and checkpoint_steps(workdir) == [saved]
   assert f"done: step {saved}" in out
 
-  # Resume in this process and train two more steps.
+  # Resume in this process (the reference run's compiled step fits: same program) for two steps.
   config = tiny_config(data_dir, **{**changes, "train.num_steps": saved + 2})
   result = train.run(config, workdir, ONE_DEVICE)
   assert f"resumed from {workdir / 'checkpoints' / str(saved)}" in capsys.readouterr().out

@@ -12,6 +12,7 @@ is a small dict saved with every checkpoint; restoring it replays exactly.
 
 import dataclasses
 import functools
+import signal
 from typing import Any, Iterator, Sequence
 
 import grain
@@ -164,10 +165,20 @@ def make_dataset(
     ds = ds.mp_prefetch(
         grain.MultiprocessingOptions(
             num_workers=data_config.worker_count, per_worker_buffer_size=data_config.worker_buffer_size
-        )
+        ),
+        worker_init_fn=_leave_signals_to_the_main_process,
     )
   return pack_and_batch(ds, max_length=data_config.max_length, rows=rows, packing=data_config.packing,
                         seed=data_config.shuffle_seed)
+
+
+def _leave_signals_to_the_main_process(worker_index: int, worker_count: int) -> None:
+  """Ctrl-C (and a scheduler's SIGTERM) reach the whole process group. A worker killed by
+  it would take the batches in flight with it; the main process instead saves a
+  checkpoint at the next step boundary and then closes its workers."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _mark_absl_flags_parsed() -> None:
