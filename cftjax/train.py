@@ -121,13 +121,13 @@ def train_step(state, batch, *, model, tx, schedule, accum: int, num_sources: in
     )
     (grads, sums), _ = jax.lax.scan(body, (zero_grads, zero_sums), micro_batches)
 
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   out = objectives.mean_losses(sums)
   if num_sources:
     out["tokens_by_source"] = sums["weight_sum_by_source"]
-  out.update(grad_norm=grad_norm, learning_rate=schedule(state["step"]), param_norm=optax.global_norm(params))
+  out.update(grad_norm=grad_norm, learning_rate=schedule(state["step"]), param_norm=optax.tree.norm(params))
   new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
   return new_state, out
 
@@ -425,6 +425,11 @@ def _initial_params(config, model_config, layout: StateLayout, mesh, writer):
   if not source:
     return None
   path = Path(source)
+  if not path.exists():
+    raise FileNotFoundError(
+        f"config key model.init_from={source!r} does not exist: import a Hugging Face model with "
+        f"`python scripts/convert.py import --hf_dir=DIR --out={source}` or point it at one"
+    )
   if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
     from cftjax import hf
 

@@ -1,4 +1,4 @@
-"""The embedded demo: a ~3.4M-parameter Llama-style model learns to critique multi-step
+"""The embedded demo: a ~1.8M-parameter Llama-style model learns to critique multi-step
 arithmetic (CFT) on a 2-core CPU in a few minutes. The default of scripts/train.py."""
 
 from configs import base
@@ -11,12 +11,12 @@ def get_config():
   model = config.model
   model.family = "llama"
   model.vocab_size = 512  # == data.demo.vocab_size: the tokenizer trained on the demo corpus
-  model.hidden_size = 256
+  model.hidden_size = 192
   model.num_layers = 4
-  model.num_heads = 4
-  model.num_kv_heads = 2
+  model.num_heads = 3
+  model.num_kv_heads = 1
   model.head_dim = 64
-  model.intermediate_size = 768
+  model.intermediate_size = 512
   model.rope_theta = 10000.0
   model.tie_embeddings = False
 
@@ -28,7 +28,7 @@ def get_config():
   data.demo.num_train = 20000
 
   train = config.train
-  train.global_batch_size = 8
+  train.global_batch_size = 4
   train.num_steps = 150
   train.log_every = 10
   train.eval_every = 50

@@ -66,6 +66,12 @@ DRIVER = textwrap.dedent("""
 """)
 
 
+def xla_flags_with_devices(count: int) -> str:
+  """This session's XLA flags (conftest's compile settings) with another device count."""
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join(kept + [f"--xla_force_host_platform_device_count={count}"])
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -84,18 +90,20 @@ def setup(tmp_path_factory):
 
 
 def launch(root: Path, settings: dict, attempt: str) -> list[subprocess.Popen]:
+  """Both processes; process 0's output is piped (to watch), process 1's goes to a file."""
   port = free_port()
   procs = []
   for i in range(2):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags_with_devices(2),
            "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
+           # Process 0 reuses its compiled programs on resume (process 1 compiles again).
            "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache")}
-    procs.append(subprocess.Popen(
-        [sys.executable, str(root / "driver.py"), str(REPO), str(root / "run"), json.dumps(settings),
-         str(root / f"{attempt}_{i}.json")],
-        env=env, stdout=subprocess.PIPE if i == 0 else open(root / f"{attempt}_{i}.log", "w"),
-        stderr=subprocess.STDOUT, text=True,
-    ))
+    with open(root / f"{attempt}_{i}.log", "w") as log:
+      procs.append(subprocess.Popen(
+          [sys.executable, str(root / "driver.py"), str(REPO), str(root / "run"), json.dumps(settings),
+           str(root / f"{attempt}_{i}.json")],
+          env=env, stdout=subprocess.PIPE if i == 0 else log, stderr=subprocess.STDOUT, text=True,
+      ))
   return procs
 
 

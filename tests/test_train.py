@@ -76,6 +76,12 @@ def override_flags(data_dir: Path, **changes) -> list[str]:
   return [f"--config.{key}={value}" for key, value in values.items()]
 
 
+def xla_flags_with_devices(count: int) -> str:
+  """This session's XLA flags (conftest's compile settings) with another device count."""
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join(kept + [f"--xla_force_host_platform_device_count={count}"])
+
+
 def read_metrics(workdir: Path) -> list[dict]:
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
@@ -253,7 +259,7 @@ def _wait_for_line(proc: subprocess.Popen, pattern: str, timeout: float) -> list
 def test_sigterm_saves_at_the_next_step_and_resume_continues(data_dir, tmp_path, capsys):
   workdir = tmp_path / "run"
   changes = {"train.num_steps": 100000, "checkpoint.every_steps": 100000, "train.eval_every": 0}
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags_with_devices(1), "JAX_PLATFORMS": "cpu"}
   proc = subprocess.Popen(
       [sys.executable, "scripts/train.py", f"--workdir={workdir}", *override_flags(data_dir, **changes)],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
