@@ -394,6 +394,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequenc
           flush()
           eval_metrics = _validation_loss(steps, state["params"], config, validation_sources, tokenizer_path,
                                           rows, mesh, num_sources)
+          if config.train.get("eval_generation_examples", 0) > 0:
+            eval_metrics.update(_generation_metrics(config, model, state["params"], tokenizer, mesh))
           writer.write(step, eval_metrics)
           writer.console(f"step {step} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
         if step % config.train.log_every == 0:
@@ -417,6 +419,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequenc
     data_iter.close()  # stops worker processes (data.worker_count > 0)
     writer.close()
   return RunResult(step, last_metrics, workdir, stopped)
+
+
+def _generation_metrics(config, model, params, tokenizer, mesh) -> dict:
+  """Greedy answer and critique accuracy on a few demo validation problems."""
+  if config.data.source != "demo":
+    raise ValueError(
+        "config key train.eval_generation_examples > 0 needs data.source=demo; for other data "
+        "evaluate checkpoints with scripts/eval.py"
+    )
+  from cftjax import evaluate
+
+  return evaluate.demo_generation_metrics(model, params, config, tokenizer, mesh,
+                                          int(config.train.eval_generation_examples),
+                                          int(config.train.eval_generation_max_new_tokens))
 
 
 def _initial_params(config, model_config, layout: StateLayout, mesh, writer):

@@ -64,7 +64,6 @@ def get_config() -> ml_collections.ConfigDict:
   # demo_cft / demo_sft. Metrics report loss per objective and per source.
   data.mixture = "demo_cft:1.0"
   data.validation_split = "validation"
-  data.max_validation_examples = 256
   # The embedded demo task (source=demo).
   demo = data.demo = ml_collections.ConfigDict()
   demo.seed = 1234
@@ -86,6 +85,11 @@ def get_config() -> ml_collections.ConfigDict:
   train.log_every = 10
   train.eval_every = 0  # Validation loss every N steps (0 = off).
   train.eval_batches = 4
+  # Also a generation metric at each evaluation (greedy answer and critique accuracy on
+  # this many demo validation problems; 0 = off). Usable with checkpoint.best_metric,
+  # e.g. "val_critique_accuracy" with best_mode "max".
+  train.eval_generation_examples = 0
+  train.eval_generation_max_new_tokens = 384
 
   # ---------------------------------------------------------------- optimizer
   optim = config.optim = ml_collections.ConfigDict()

@@ -84,3 +84,20 @@ def test_scoring_rows_uses_verdicts_and_answers():
       [{"answer": "58"}, {"answer": "7"}], ["Step 1: ...\nThe answer is 58.", "I think \\boxed{8}"]
   )
   assert [r["correct"] for r in answers] == [True, False] and summary["accuracy"] == 0.5
+
+
+def test_in_training_generation_metric_drives_best_checkpoint(tmp_path):
+  config = demo.get_config()
+  config.data.data_dir = str(tmp_path / "data")
+  config.update_from_flattened_dict({
+      **TINY, "mesh.fsdp": 1, "mesh.tensor": 1, "train.global_batch_size": 2, "train.num_steps": 4,
+      "train.eval_every": 1, "train.eval_batches": 1, "checkpoint.every_steps": 1, "checkpoint.keep": 1,
+      "train.eval_generation_examples": 2, "train.eval_generation_max_new_tokens": 4,
+      "checkpoint.best_metric": "val_critique_accuracy", "checkpoint.best_mode": "max", "checkpoint.keep_best": 1,
+  })
+  train.run(config, tmp_path / "run", devices=jax.devices()[:1])
+  lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  generated = [l for l in lines if "val_critique_accuracy" in l]
+  assert len(generated) == 4 and all(0.0 <= l["val_answer_accuracy"] <= 1.0 for l in generated)
+  kept = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+  assert 4 in kept  # the newest always survives best-N retention
