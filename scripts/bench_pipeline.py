@@ -98,6 +98,7 @@ def main():
     data = config.data
     data.source, data.data_dir, data.mixture = "tfds", str(tmp / "data"), "bench_cft:1.0"
     data.tokenizer, data.max_length = str(tokenizer), args.max_length
+    data.num_epochs = 1000  # never run dry while timing
     sources = sources_lib.load_sources(data, "train")
     results = {}
     for workers in (int(w) for w in args.workers.split(",")):
