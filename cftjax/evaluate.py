@@ -20,7 +20,7 @@ import ml_collections
 from cftjax import chat_templates, checkpoint, grading, objectives, sharding
 from cftjax.chat_templates import Turn
 from cftjax.generate import SamplingConfig, generate
-from cftjax.model import ModelConfig, Transformer
+from cftjax.model import ModelConfig, Transformer, params_init_fn
 
 TASKS = ("demo", "math", "critique")
 
@@ -52,24 +52,16 @@ def find_tokenizer(config: ml_collections.ConfigDict, checkpoint_dir: Path) -> s
 
 
 def load(checkpoint_dir: str | Path, step: int | None = None, mesh_config=None,
-         overrides: dict | None = None, devices: Sequence[jax.Device] | None = None) -> LoadedModel:
+         devices: Sequence[jax.Device] | None = None) -> LoadedModel:
   """Restores params onto a mesh over `devices` (default: all present), whatever mesh
   trained them; `mesh_config` defaults to pure data parallelism."""
   from cftjax.data import tokenizer as tokenizer_lib
-  from cftjax.train import init_params_fn
 
   checkpoint_dir = Path(checkpoint_dir)
   config = checkpoint.load_config(checkpoint_dir, step)
-  for key, value in (overrides or {}).items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
   mesh = sharding.make_mesh(mesh_config or ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}), devices)
   model = Transformer(ModelConfig.from_config(config.model))
-  abstract, shardings = sharding.abstract_params_and_shardings(init_params_fn(model, 0), mesh)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  target = sharding.with_shardings(*sharding.abstract_params_and_shardings(params_init_fn(model), mesh))
   params = checkpoint.load_params(checkpoint_dir, target, step)
   tokenizer = tokenizer_lib.load_tokenizer(find_tokenizer(config, checkpoint_dir))
   return LoadedModel(model, params, config, tokenizer, mesh)

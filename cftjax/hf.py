@@ -31,13 +31,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import ml_dtypes
 import numpy as np
 
 from cftjax import checkpoint, sharding
-from cftjax.model import ModelConfig, Transformer
+from cftjax.model import ModelConfig, Transformer, params_init_fn
 
 log = logging.getLogger(__name__)
 
@@ -513,13 +512,7 @@ def read_block(kind: str, info: TensorInfo, ranges: Sequence[tuple[int, int]], s
 # ============================================================================== import
 def model_abstract_params(model_config: ModelConfig, mesh) -> tuple[Any, Any]:
   """(ShapeDtypeStruct tree, NamedSharding tree) of the model's parameters on `mesh`."""
-  model = Transformer(model_config)
-
-  def init():
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    return model.init(jax.random.key(0), tokens, tokens, tokens)["params"]
-
-  return sharding.abstract_params_and_shardings(init, mesh)
+  return sharding.abstract_params_and_shardings(params_init_fn(Transformer(model_config)), mesh)
 
 
 def _match_tensors(sources: list[ParamSource], abstract_leaves: list, tensors: dict[str, TensorInfo],
@@ -865,7 +858,7 @@ def export_checkpoint(
   if mesh is None:
     mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1}))
   abstract, shardings = model_abstract_params(model_config, mesh)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  target = sharding.with_shardings(abstract, shardings)
   params = checkpoint.load_params(checkpoint_dir, target, step)
   base = _find_source_config(checkpoint_dir, config)
   if dtype is None:

@@ -254,6 +254,16 @@ class Block(nn.Module):
     return constrain(x, "act_batch", "act_length", "act_embed"), new_cache
 
 
+def params_init_fn(model: "Transformer", seed: int = 0, seq_len: int = 8):
+  """A no-argument function returning boxed params, for eval_shape and sharded jit."""
+
+  def init():
+    dummy = jnp.zeros((1, seq_len), jnp.int32)
+    return model.init(jax.random.key(seed), dummy, dummy, dummy + 1)["params"]
+
+  return init
+
+
 def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None) -> dict:
   """Empty KV cache: stacked per-layer keys/values, slot segment ids, write index."""
   dtype = dtype or config.jnp_dtype

@@ -21,6 +21,7 @@ from cftjax import metrics as metrics_lib
 from cftjax import objectives, optim, sharding
 from cftjax.data import pipeline
 from cftjax.data import sources as sources_lib
+from cftjax import model as model_lib
 from cftjax.model import ModelConfig, Transformer
 
 PER_SOURCE_KEYS = ("loss_by_source", "tokens_by_source")  # arrays over data.mixture's sources
@@ -32,14 +33,7 @@ class TrainingStopped(RuntimeError):
 
 
 # ------------------------------------------------------------------------------ state
-def init_params_fn(model: Transformer, seed: int, seq_len: int = 8) -> Callable[[], Any]:
-  """A no-argument function returning boxed params, for eval_shape and sharded jit."""
-
-  def init():
-    dummy = jnp.zeros((1, seq_len), jnp.int32)
-    return model.init(jax.random.key(seed), dummy, dummy, dummy + 1)["params"]
-
-  return init
+init_params_fn = model_lib.params_init_fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +49,7 @@ def state_layout(model: Transformer, tx: optax.GradientTransformation, mesh, see
   replicated = NamedSharding(mesh, P())
   shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
   abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params, "opt_state": abstract_opt}
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  abstract = sharding.with_shardings(abstract, shardings)
   return StateLayout(abstract, shardings)
 
 

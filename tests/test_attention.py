@@ -14,6 +14,7 @@ import pytest
 
 from cftjax import attention, model as model_lib
 from cftjax.model import ModelConfig, Transformer
+from random_params import draw_params
 
 CONFIG = ModelConfig(
     vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -31,21 +32,7 @@ def host_params(model: Transformer, seed: int):
   Larger than the 0.02 init so attention patterns are far from uniform and any leak
   between examples shows in the logits.
   """
-  dummy = jnp.zeros((1, 8), jnp.int32)
-  abstract = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, dummy, dummy + 1)))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == "scale":
-      value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
-    elif name == "embedding":
-      value = rng.standard_normal(leaf.shape)
-    else:
-      value = 0.15 * rng.standard_normal(leaf.shape)
-    return np.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, abstract["params"])
+  return draw_params(nn.meta.unbox(jax.eval_shape(model_lib.params_init_fn(model))), seed)
 
 
 class Rows:

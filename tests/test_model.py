@@ -20,6 +20,7 @@ import pytest
 from cftjax import objectives, sharding
 from cftjax.model import REMAT_POLICIES, ModelConfig, Transformer
 from configs import base
+from random_params import draw_params
 
 BASE = ModelConfig(
     vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -39,19 +40,7 @@ def boxed_abstract_params(config: ModelConfig):
 
 def host_params(config: ModelConfig, seed: int = 0):
   """Random params of the model's shapes, drawn with numpy (no compiled init)."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == "scale":
-      value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
-    elif name == "embedding":
-      value = rng.standard_normal(leaf.shape)
-    else:
-      value = 0.15 * rng.standard_normal(leaf.shape)
-    return np.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(boxed_abstract_params(config)))
+  return draw_params(nn.meta.unbox(boxed_abstract_params(config)), seed)
 
 
 def unstack_layers(params):
@@ -123,15 +112,19 @@ def no_remat_loss_and_grads(base_params):
   return compiled_loss_and_grads(BASE)(base_params, *packed_inputs())
 
 
-def remat_policies_in(jaxpr, found):
-  """Policies of every remat (checkpoint) in a jaxpr, looking inside scan bodies."""
+def all_eqns(jaxpr):
+  """Every equation of a jaxpr, including those inside scan / remat / jit bodies."""
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name in ("checkpoint", "remat", "remat2"):
-      found.append(eqn.params.get("policy"))
+    yield eqn
     for param in eqn.params.values():
       inner = getattr(param, "jaxpr", param)
       if hasattr(inner, "eqns"):
-        remat_policies_in(inner, found)
+        yield from all_eqns(inner)
+
+
+def remat_policies_in(jaxpr, found):
+  """Policies of every remat (checkpoint) in a jaxpr, looking inside scan bodies."""
+  found.extend(e.params.get("policy") for e in all_eqns(jaxpr) if e.primitive.name in ("checkpoint", "remat", "remat2"))
   return found
 
 
@@ -244,13 +237,8 @@ def test_every_parameter_has_logical_axis_names_known_to_the_rules(name):
 
 def sharding_constraints(jaxpr, found):
   """(spec, shape) of every sharding_constraint, looking inside scan/remat bodies."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "sharding_constraint":
-      found.append((eqn.params["sharding"].spec, tuple(eqn.invars[0].aval.shape)))
-    for param in eqn.params.values():
-      inner = getattr(param, "jaxpr", param)
-      if hasattr(inner, "eqns"):
-        sharding_constraints(inner, found)
+  found.extend((e.params["sharding"].spec, tuple(e.invars[0].aval.shape))
+               for e in all_eqns(jaxpr) if e.primitive.name == "sharding_constraint")
   return found
 
 

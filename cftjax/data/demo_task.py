@@ -35,6 +35,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+from cftjax import grading, objectives
 from cftjax.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 SPLITS = ("train", "validation", "test")
@@ -52,7 +53,6 @@ _OPS_BY_PHRASE = {phrase: op for op, phrase in _PHRASES.items()}
 # Bump when the generated text or file layout changes, so old caches are not reused.
 DATA_FORMAT_VERSION = 1
 # The CFT paper's instruction; fed to tokenizer training so the prompt tokenizes compactly.
-CFT_PAPER_INSTRUCTION = "Please critique whether the following solution to the question is correct."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,14 +353,12 @@ def flawed_critique_text(rng: random.Random, problem: Problem, steps: Sequence[S
     return "\n".join(lines)
 
 
-_CONCLUSION_RE = re.compile(r"Conclusion:\s*\**\s*(right|wrong)\b", re.IGNORECASE)
 _FINAL_ANSWER_RE = re.compile(r"The (?:correct )?(?:final )?answer is\s*(-?\d+)", re.IGNORECASE)
 
 
 def parse_conclusion(critique: str) -> str | None:
     """"right"/"wrong" from the last "Conclusion: ..." in `critique`, or None if there is none."""
-    matches = _CONCLUSION_RE.findall(critique)
-    return matches[-1].lower() if matches else None
+    return grading.parse_verdict(critique)
 
 
 def extract_final_answer(text: str) -> str | None:
@@ -485,8 +483,8 @@ def demo_corpus_text(records: Iterable[Mapping[str, str]]) -> Iterator[str]:
     """
     for record in records:
         if record["objective"] == "cft":
-            yield f"{CFT_PAPER_INSTRUCTION}\nQuestion:\n{record['query']}\n\nSolution:\n{record['response']}"
-            yield f"Critique:\n{record['critique']}"
+            yield objectives.cft_user_text(record["query"], record["response"])
+            yield objectives.cft_target_text(record["critique"])
         else:
             yield record["query"]
             yield record["response"]

@@ -13,7 +13,7 @@ is a small dict saved with every checkpoint; restoring it replays exactly.
 import dataclasses
 import functools
 import signal
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import grain
 import numpy as np
@@ -218,6 +218,3 @@ def batch_stats(batch: dict[str, np.ndarray]) -> dict[str, float]:
   out["nonpad_fraction"] = float(np.mean(batch["inputs_segment_ids"] > 0))
   return out
 
-
-def iterate(ds: grain.IterDataset) -> Iterator[dict[str, np.ndarray]]:
-  return iter(ds)
