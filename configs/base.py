@@ -54,7 +54,11 @@ def get_config() -> ml_collections.ConfigDict:
   # What to do with an example longer than max_length: drop | truncate_prompt_left |
   # truncate_target. Every drop or cut is counted in the metrics.
   data.truncation = "truncate_prompt_left"
-  data.packing = True  # First-fit packing of several examples into one row.
+  data.packing = True  # Pack several examples into one row (best-fit decreasing).
+  # Examples the packer sorts and packs together. Larger packs tighter (only the window's
+  # last rows stay part-empty) but holds more examples in memory and re-reads up to one
+  # window on resume. ~1000 gives 97-99% at max_length 2048 with CFT-length examples.
+  data.packing_window = 1024
   data.shuffle_seed = 0
   data.num_epochs = 1  # Passes over the training data; the run stops when it is used up.
   data.worker_count = 0  # Grain multiprocess prefetch workers; 0 = in-process.

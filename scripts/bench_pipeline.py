@@ -2,6 +2,7 @@
 ratio of pipeline throughput to what a train step consumes.
 
   python scripts/bench_pipeline.py [--rows=4000] [--max_length=2048] [--seconds=20]
+      [--packing_window=N]
 
 Builds a synthetic CFT corpus with a realistic length distribution (prompts and critiques
 of a few hundred to a couple of thousand tokens), writes it as a TFDS ArrayRecord dataset
@@ -20,19 +21,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 
 
-def synthetic_corpus(path: Path, rows: int, seed: int = 0) -> None:
-  """Word-salad CFT triples, log-normal lengths: examples of a few hundred to ~2000 tokens."""
-  rng = np.random.default_rng(seed)
-  vocab = [f"w{i}" for i in range(3000)] + [str(i) for i in range(100)] + ["=", "+", "*", "\\frac{1}{2}"]
+# Token lengths (median, log-sigma) of each part of a CFT example, after WebInstruct-CFT:
+# short questions, longer noisy solutions and critiques. Totals: a few hundred to a couple
+# of thousand tokens, median ~1000; the longest few percent exceed 2048 and get cut.
+PART_TOKENS = {"query": (120, 0.7), "response": (400, 0.6), "critique": (350, 0.6)}
 
-  def text(mean_words: float) -> str:
-    n = int(np.clip(rng.lognormal(np.log(mean_words), 0.6), 20, 900))
-    return " ".join(rng.choice(vocab, n))
+
+def pseudo_words(count: int, seed: int = 0) -> list[str]:
+  """Letter-only words: the tokenizer splits digits one by one, which would make lengths
+  depend on the spelling of made-up numbers rather than on the distribution above."""
+  rng = np.random.default_rng(seed)
+  syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+  return ["".join(rng.choice(syllables, rng.integers(1, 4))) for _ in range(count)]
+
+
+def synthetic_corpus(path: Path, rows: int, words: list[str], tokens_per_word: float, seed: int = 0) -> None:
+  """Word-salad CFT triples whose parts have the log-normal token lengths of PART_TOKENS."""
+  rng = np.random.default_rng(seed)
+
+  def text(median_tokens: float, sigma: float) -> str:
+    tokens = rng.lognormal(np.log(median_tokens), sigma)
+    return " ".join(rng.choice(words, max(3, int(tokens / tokens_per_word))))
 
   with open(path, "w") as f:
     for _ in range(rows):
-      row = {"query": text(60), "response": text(180), "critique": text(150) + "\nConclusion: wrong"}
+      row = {part: text(*PART_TOKENS[part]) for part in PART_TOKENS}
+      row["critique"] += "\nConclusion: wrong"
       f.write(json.dumps(row) + "\n")
+
+
+def example_lengths(data_config, sources, tokenizer_path: str, count: int = 1000) -> np.ndarray:
+  """Token lengths of the first examples as the pipeline encodes them (before truncation)."""
+  from cftjax.data import pipeline
+
+  encode = pipeline.EncodeExample(tokenizer_path, data_config.chat_template, 1 << 30, data_config.truncation)
+  records = sources[0].records
+  return np.array([len(encode((0, records[i]))["inputs"]) for i in range(min(count, len(records)))])
 
 
 def measure(data_config, sources, tokenizer_path, rows_per_batch: int, seconds: float) -> dict:
@@ -74,6 +98,7 @@ def main():
   parser.add_argument("--rows", type=int, default=4000)
   parser.add_argument("--max_length", type=int, default=2048)
   parser.add_argument("--batch_rows", type=int, default=8)
+  parser.add_argument("--packing_window", type=int, default=None, help="default: the config's")
   parser.add_argument("--seconds", type=float, default=20.0)
   parser.add_argument("--workers", default="0,1,2")
   args = parser.parse_args()
@@ -84,22 +109,30 @@ def main():
   logging.set_verbosity(logging.WARNING)
   from configs import base
   from cftjax.data import sources as sources_lib, tfds_builder
-  from cftjax.data.tokenizer import train_sentencepiece
+  from cftjax.data.tokenizer import load_tokenizer, train_sentencepiece
 
   with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
+    words = pseudo_words(3000)
+    rng = np.random.default_rng(1)
+    sample = [" ".join(rng.choice(words, 200)) for _ in range(500)]
+    tokenizer = train_sentencepiece(sample, tmp / "tok", 4000)
+    tokens_per_word = len(load_tokenizer(str(tokenizer)).encode(sample[0])) / 200
     corpus = tmp / "corpus.jsonl"
-    synthetic_corpus(corpus, args.rows)
+    synthetic_corpus(corpus, args.rows, words, tokens_per_word)
     tfds_builder.build_dataset([str(corpus)], "triples", "bench_cft", tmp / "data", validation_fraction=0.01)
-    lines = (json.loads(l) for l in open(corpus))
-    tokenizer = train_sentencepiece((r["response"] for r, _ in zip(lines, range(500))), tmp / "tok", 4000)
 
     config = base.get_config()
     data = config.data
     data.source, data.data_dir, data.mixture = "tfds", str(tmp / "data"), "bench_cft:1.0"
     data.tokenizer, data.max_length = str(tokenizer), args.max_length
     data.num_epochs = 1000  # never run dry while timing
+    data.packing_window = args.packing_window or data.packing_window
     sources = sources_lib.load_sources(data, "train")
+    lengths = example_lengths(data, sources, data.tokenizer)
+    p10, p50, p90, p99 = np.percentile(lengths, [10, 50, 90, 99]).astype(int)
+    print(f"example tokens: p10 {p10}, median {p50}, p90 {p90}, p99 {p99}; "
+          f"{np.mean(lengths > args.max_length):.1%} longer than {args.max_length} (cut)", flush=True)
     results = {}
     for workers in (int(w) for w in args.workers.split(",")):
       data.worker_count = workers

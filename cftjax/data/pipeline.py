@@ -1,8 +1,8 @@
 """The Grain input pipeline: records -> packed, batched token rows.
 
   source -> shard by JAX process -> seeded shuffle (reseeded each epoch) -> epochs ->
-  mixture -> format + tokenize -> truncate -> [multiprocess prefetch] -> first-fit pack
-  -> batch
+  mixture -> format + tokenize -> truncate -> [multiprocess prefetch] -> best-fit pack
+  (windows of examples, packing.py) -> batch
 
 Every example leaves a trace: one that is too long is cut (prompt from the left, or the
 target) or replaced by a one-token placeholder with zero loss weight, and the per-row
@@ -19,6 +19,7 @@ import grain
 import numpy as np
 
 from cftjax import objectives
+from cftjax.data import packing as packing_lib
 from cftjax.data import sources as sources_lib
 
 TRUNCATION_POLICIES = ("drop", "truncate_prompt_left", "truncate_target")
@@ -116,14 +117,11 @@ def record_dataset(
   return grain.MapDataset.mix(parts, weights=[s.weight for s in sources])
 
 
-def pack_and_batch(ds: grain.IterDataset, *, max_length: int, rows: int, packing: bool, seed: int) -> grain.IterDataset:
-  lengths = {k: max_length for k in TOKEN_FEATURES}
-  lengths["stats"] = max_length  # at most max_length examples fit in a row
+def pack_and_batch(ds: grain.IterDataset, *, max_length: int, rows: int, packing: bool, window: int,
+                   seed: int) -> grain.IterDataset:
   if packing:
-    ds = grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct=lengths, num_packing_bins=max(rows, 1), seed=seed, shuffle_bins=True,
-        meta_features=("targets", "weights", "objective_ids", "source_ids", "stats"),
-    )
+    # A row's `stats` holds one outcome code per example it packs, from the row's start.
+    ds = packing_lib.WindowPackIterDataset(ds, max_length=max_length, window=window, seed=seed)
   else:
     ds = ds.map(_PadToLength(max_length))
   return ds.batch(rows, drop_remainder=False)
@@ -169,7 +167,7 @@ def make_dataset(
         worker_init_fn=_leave_signals_to_the_main_process,
     )
   return pack_and_batch(ds, max_length=data_config.max_length, rows=rows, packing=data_config.packing,
-                        seed=data_config.shuffle_seed)
+                        window=data_config.packing_window, seed=data_config.shuffle_seed)
 
 
 def _leave_signals_to_the_main_process(worker_index: int, worker_count: int) -> None:
