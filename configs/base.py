@@ -63,6 +63,11 @@ def get_config() -> ml_collections.ConfigDict:
   data.num_epochs = 1  # Passes over the training data; the run stops when it is used up.
   data.worker_count = 0  # Grain multiprocess prefetch workers; 0 = in-process.
   data.worker_buffer_size = 2
+  # Threads that read and tokenize records ahead (in each process or worker). Tokenizing
+  # holds the GIL, so threads mainly hide storage latency (e.g. ArrayRecord on GCS); on
+  # local disk grain's default of 16 threads x 500 buffered ran 25% slower than 4 x 64.
+  data.read_threads = 4
+  data.read_buffer_size = 64
   # Mixture: comma-separated "name:weight" entries, e.g. "webinstruct_cft:1,my_sft:0.5".
   # Each record says its own objective (cft or sft). For source=demo the names are
   # demo_cft / demo_sft. Metrics report loss per objective and per source.

@@ -149,9 +149,13 @@ class WindowPackIterator(grain.DatasetIterator):
     examples = []
     while len(examples) < count and not self._parent_done:
       try:
-        examples.append(next(self._parent))
+        example = next(self._parent)
       except StopIteration:
         self._parent_done = True
+        break
+      # Own copies: arrays from grain's worker processes live in shared memory, one open
+      # file each, and a window buffers thousands of them.
+      examples.append({key: np.array(value) for key, value in example.items()})
     return examples
 
   def _start_window(self, examples: list[Example]) -> None:

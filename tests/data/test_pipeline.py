@@ -298,3 +298,17 @@ def test_hosts_read_disjoint_examples_that_cover_the_split(demo, num_train_used)
   packed = [{ex for b in build(demo, rows=2, process_index=h, process_count=2) for ex in segments(b)} for h in range(2)]
   assert not packed[0] & packed[1]
   assert packed[0] | packed[1] == set(encoded(demo))
+
+
+def test_packing_window_does_not_hold_worker_shared_memory(demo):
+  """Arrays from worker processes arrive in shared memory, one open file each; a packing
+  window buffers many examples, so it must keep copies, not the shared arrays."""
+  open_files = lambda: len(os.listdir("/proc/self/fd"))
+  iterator = iter(build(demo, rows=2, worker_count=1, num_epochs=4, packing_window=64))
+  try:
+    next(iterator)
+    before = open_files()
+    take(iterator, 10)  # reads ahead into the next window
+    assert open_files() - before < 50  # 64 buffered examples x 6 features if shared
+  finally:
+    iterator.close()
