@@ -16,7 +16,11 @@ import dataclasses
 from typing import Protocol, Sequence
 
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-TEMPLATES = ("plain", "qwen", "llama3")
+TEMPLATES = ("plain", "qwen", "llama3", "llama3_1")
+# Llama 3.1 / 3.3 Instruct open every conversation with a dated system block; their
+# template writes this date unless the caller passes another, and so do servers using it.
+LLAMA3_1_KNOWLEDGE_CUTOFF = "December 2023"
+LLAMA3_1_TODAY = "26 Jul 2024"
 
 
 class TextTokenizer(Protocol):
@@ -66,11 +70,27 @@ def _llama3(conv: Conversation, tokenizer: TextTokenizer, default_system: str | 
     context = context[1:] if default_system is None else [Turn("system", default_system)] + context[1:]
   elif (not context or context[0].role != "system") and default_system:
     context.insert(0, Turn("system", default_system))
-  pieces = [("<|begin_of_text|>", False)]
-  for t in context:
-    pieces.append((f"<|start_header_id|>{t.role}<|end_header_id|>\n\n{t.content.strip()}<|eot_id|>", False))
+  return _llama3_pieces(_llama3_turns(context), conv.reply)
+
+
+def _llama3_1(conv: Conversation, tokenizer: TextTokenizer, default_system: str | None):
+  # Always a system block: the dated header, then the system prompt (possibly empty).
+  context = list(conv.context)
+  system = context.pop(0).content if context and context[0].role == "system" else ""
+  system = system.strip() or (default_system or "").strip()
+  header = f"Cutting Knowledge Date: {LLAMA3_1_KNOWLEDGE_CUTOFF}\nToday Date: {LLAMA3_1_TODAY}\n\n"
+  turns = [f"<|start_header_id|>system<|end_header_id|>\n\n{header}{system}<|eot_id|>"]
+  return _llama3_pieces(turns + _llama3_turns(context), conv.reply)
+
+
+def _llama3_turns(context: Sequence[Turn]) -> list[str]:
+  return [f"<|start_header_id|>{t.role}<|end_header_id|>\n\n{t.content.strip()}<|eot_id|>" for t in context]
+
+
+def _llama3_pieces(turns: Sequence[str], reply: str) -> tuple[list[tuple[str, bool]], bool]:
+  pieces = [("<|begin_of_text|>", False)] + [(turn, False) for turn in turns]
   pieces.append(("<|start_header_id|>assistant<|end_header_id|>\n\n", False))
-  pieces.append((conv.reply.strip() + "<|eot_id|>", True))
+  pieces.append((reply.strip() + "<|eot_id|>", True))
   return pieces, False
 
 
@@ -84,6 +104,8 @@ def render(
     return _qwen(conv, tokenizer, default_system)
   if template == "llama3":
     return _llama3(conv, tokenizer, default_system)
+  if template == "llama3_1":
+    return _llama3_1(conv, tokenizer, default_system)
   raise ValueError(f"config key data.chat_template={template!r} is not one of {TEMPLATES}")
 
 

@@ -609,9 +609,13 @@ def default_chat_template(family: str, tokenizer_dir: Path) -> str:
   if family == "qwen2":
     return "qwen"
   tokenizer_json = tokenizer_dir / "tokenizer.json"
-  if tokenizer_json.is_file() and "<|start_header_id|>" in tokenizer_json.read_text(encoding="utf-8"):
-    return "llama3"
-  return "plain"
+  if not (tokenizer_json.is_file() and "<|start_header_id|>" in tokenizer_json.read_text(encoding="utf-8")):
+    return "plain"
+  # The chat template sits in tokenizer_config.json (older exports) or chat_template.jinja.
+  templates = [tokenizer_dir / "tokenizer_config.json", tokenizer_dir / "chat_template.jinja"]
+  if any(path.is_file() and "Cutting Knowledge Date" in path.read_text(encoding="utf-8") for path in templates):
+    return "llama3_1"
+  return "llama3"
 
 
 def require_empty_dir(out_dir: Path) -> None:

@@ -49,7 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Tokenizer: "" = the one prepared with the data (demo); else a SentencePiece .model,
   # a tokenizer.json, or a model directory holding one.
   data.tokenizer = ""
-  data.chat_template = "plain"  # plain | qwen | llama3
+  # plain | qwen | llama3 (Llama 3 Instruct) | llama3_1 (Llama 3.1/3.3 Instruct: dated
+  # system block).
+  data.chat_template = "plain"
   data.max_length = 2048  # Tokens per packed row (and the truncation limit).
   # What to do with an example longer than max_length: drop | truncate_prompt_left |
   # truncate_target. Every drop or cut is counted in the metrics.

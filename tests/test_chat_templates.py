@@ -37,6 +37,21 @@ LLAMA3_TEMPLATE = (
     "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
+# Llama 3.1 / 3.3 Instruct without tools: a dated system block always opens the conversation.
+LLAMA3_1_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content'] | trim %}{%- set messages = messages[1:] %}"
+    "{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{%- if not date_string is defined %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{{- 'Cutting Knowledge Date: December 2023\\n' }}{{- 'Today Date: ' + date_string + '\\n\\n' }}"
+    "{{- system_message }}{{- '<|eot_id|>' }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
 QWEN_PRETOKENIZE = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -90,7 +105,8 @@ def _model_dir(tmp_path, tokenizer_json, template: str):
   if template == "qwen":
     config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None, "chat_template": QWEN_TEMPLATE}
   else:
-    config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3_TEMPLATE}
+    jinja = LLAMA3_TEMPLATE if template == "llama3" else LLAMA3_1_TEMPLATE
+    config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": jinja}
   config["tokenizer_class"] = "PreTrainedTokenizerFast"
   (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
   return tmp_path
@@ -106,7 +122,7 @@ def _hf_ids(hf_tokenizer, messages, add_generation_prompt=False) -> list[int]:
   return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
-@pytest.mark.parametrize("template", ["qwen", "llama3"])
+@pytest.mark.parametrize("template", ["qwen", "llama3", "llama3_1"])
 @pytest.mark.parametrize("record_name", sorted(RECORDS))
 def test_ids_and_mask_match_apply_chat_template(template, record_name, tmp_path, tokenizer_json):
   model_dir = _model_dir(tmp_path, tokenizer_json, template)
@@ -168,3 +184,13 @@ def test_unknown_template_is_a_config_error(tmp_path, tokenizer_json):
   ours = load_tokenizer(_model_dir(tmp_path, tokenizer_json, "qwen"))
   with pytest.raises(ValueError, match="data.chat_template='chatml'"):
     chat_templates.encode(Conversation((Turn("user", "hi"),), "hello"), "chatml", ours)
+
+
+def test_llama3_1_system_block_carries_the_dates_and_the_default_system(tmp_path, tokenizer_json):
+  ours = load_tokenizer(_model_dir(tmp_path, tokenizer_json, "llama3_1"))
+  context = (Turn("user", "What is 12 + 30?"),)
+  dated = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+           "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n")
+  assert ours.decode(chat_templates.prompt_ids(context, "llama3_1", ours)).startswith(dated + "<|eot_id|>")
+  custom = ours.decode(chat_templates.prompt_ids(context, "llama3_1", ours, default_system="Be brief."))
+  assert custom.startswith(dated + "Be brief.<|eot_id|><|start_header_id|>user")

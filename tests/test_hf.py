@@ -224,6 +224,20 @@ def test_config_reads_transformers4_keys_and_defaults(tmp_path):
   ModelConfig.from_config(overrides)  # every key is a valid model field
 
 
+@pytest.mark.parametrize("tokenizer_json, template_file, expected", [
+    ('{"added_tokens": []}', None, "plain"),
+    ('{"added_tokens": [{"content": "<|start_header_id|>"}]}', None, "llama3"),
+    ('{"added_tokens": [{"content": "<|start_header_id|>"}]}', "tokenizer_config.json", "llama3_1"),
+    ('{"added_tokens": [{"content": "<|start_header_id|>"}]}', "chat_template.jinja", "llama3_1"),
+])
+def test_default_chat_template_tells_llama3_from_llama3_1(tokenizer_json, template_file, expected, tmp_path):
+  (tmp_path / "tokenizer.json").write_text(tokenizer_json)
+  if template_file:
+    (tmp_path / template_file).write_text(json.dumps({"chat_template": "Cutting Knowledge Date: December 2023"}))
+  assert hf.default_chat_template("llama", tmp_path) == expected
+  assert hf.default_chat_template("qwen2", tmp_path) == "qwen"
+
+
 def test_mistral_sliding_window_warns_or_refuses(tmp_path, caplog):
   directory = _write_config(tmp_path, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=4096)
   with caplog.at_level(logging.WARNING):
