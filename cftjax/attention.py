@@ -6,13 +6,40 @@ gives every example its own segment id (0 = padding), so no token ever sees anot
 example; decoding gives real cache slots id 1 and padded slots id 0.
 """
 
-from typing import Literal
+import math
+from typing import Literal, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-AttentionImpl = Literal["xla", "cudnn"]
-ATTENTION_IMPLS = ("xla", "cudnn")
+AttentionImpl = Literal["auto", "xla", "cudnn", "splash"]
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+SPLASH_MAX_BLOCK = 512  # splash kernel tile along the sequence (q and kv)
+
+
+class CausalSegments(NamedTuple):
+  """Causal self-attention over packed rows, given by their segment ids [B, L] instead of a
+  dense mask: what kernels that build the mask tile by tile (splash) take."""
+
+  segment_ids_BxL: jax.Array
+
+  def dense(self) -> jax.Array:
+    slots = jnp.arange(self.segment_ids_BxL.shape[1], dtype=jnp.int32)
+    return attention_mask(self.segment_ids_BxL, self.segment_ids_BxL,
+                          jnp.broadcast_to(slots, self.segment_ids_BxL.shape), slots)
+
+
+def self_attention_mask(segment_ids_BxL: jax.Array, impl: AttentionImpl) -> "jax.Array | CausalSegments":
+  """The mask of full causal self-attention (training, scoring) in the form `impl` takes."""
+  segments = CausalSegments(segment_ids_BxL)
+  return segments if impl in ("splash", "auto") else segments.dense()
+
+
+def _splash_tiles(length: int) -> bool:
+  block = min(SPLASH_MAX_BLOCK, length)
+  return length % block == 0 and block % 128 == 0
 
 
 def attention_mask(
@@ -44,26 +71,105 @@ def _xla_attention(q_BxQxNxH, k_BxKxMxH, v_BxKxMxH, mask_Bx1xQxK):
   return out.reshape(batch, q_len, num_heads, head_dim)
 
 
+def _splash_attention(q_BxLxNxH, k_BxLxMxH, v_BxLxMxH, segment_ids_BxL):
+  """TPU splash attention (Pallas): the mask is built per tile from causality and segment
+  ids, and tiles entirely masked out are skipped. Elsewhere the kernel runs in Pallas
+  interpret mode, which is slow and meant for tests."""
+  length, head_dim = q_BxLxNxH.shape[1], q_BxLxNxH.shape[3]
+  group = q_BxLxNxH.shape[2] // k_BxLxMxH.shape[2]
+  block = min(SPLASH_MAX_BLOCK, length)
+  if not _splash_tiles(length):
+    raise ValueError(f"model.attention_impl='splash' needs a sequence length that is a multiple of 128 "
+                     f"(and of {SPLASH_MAX_BLOCK} above it); got {length} (data.max_length)")
+  kernel = _splash_kernel(length, group, block, jax.default_backend() != "tpu")
+
+  def local(q, k, v, segment_ids):
+    batch, num_kv_heads = q.shape[0], k.shape[2]
+    # [b, L, m*g, h] -> [b, m, g, L, h]: one MQA kernel call per key/value head.
+    q = (q * head_dim**-0.5).reshape(batch, length, num_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    def one_head(q_GxLxH, k_LxH, v_LxH, ids_L):
+      return kernel(q_GxLxH, k_LxH, v_LxH, segment_ids=_splash_segment_ids(ids_L, ids_L))
+
+    per_row = jax.vmap(one_head, in_axes=(0, 0, 0, None))
+    out = jax.vmap(per_row)(q, k, v, segment_ids)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, num_kv_heads * group, head_dim)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return local(q_BxLxNxH, k_BxLxMxH, v_BxLxMxH, segment_ids_BxL)
+  # A Pallas kernel cannot be partitioned by XLA: run it per shard, sharded the way the
+  # logical rules shard activations (dims that do not divide stay whole).
+  batch_axes, _, head_axes, _ = _divisible_spec(
+      nn.logical_to_mesh_axes(("act_batch", "act_length", "act_kv_heads", None)), k_BxLxMxH.shape, mesh)
+  qkv, ids = P(batch_axes, None, head_axes, None), P(batch_axes, None)
+  return jax.shard_map(local, in_specs=(qkv, qkv, qkv, ids), out_specs=qkv, check_vma=False)(
+      q_BxLxNxH, k_BxLxMxH, v_BxLxMxH, segment_ids_BxL)
+
+
+def _divisible_spec(spec: P, shape, mesh) -> tuple:
+  """`spec` padded to len(shape), with each dim's axes dropped unless they divide it."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    size = math.prod(mesh.shape[name] for name in names)
+    out.append(axes if names and dim % size == 0 else None)
+  return tuple(out)
+
+
+def _splash_kernel(length: int, num_heads: int, block: int, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+
+  mask = mask_lib.MultiHeadMask([mask_lib.CausalMask((length, length)) for _ in range(num_heads)])
+  sizes = kernel_lib.BlockSizes(
+      block_q=block, block_kv=block, block_kv_compute=block,
+      block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+      block_q_dq=block, block_kv_dq=block,
+  )
+  # Built per trace, not cached: the kernel holds its mask tables as arrays, which would be
+  # tracers of the first trace (jit, grad, scan) that built them.
+  return kernel_lib.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+def _splash_segment_ids(q_ids, kv_ids):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
+
+  return kernel_lib.SegmentIds(q=q_ids, kv=kv_ids)
+
+
 def dot_product_attention(
     q_BxQxNxH: jax.Array,
     k_BxKxMxH: jax.Array,
     v_BxKxMxH: jax.Array,
-    mask_Bx1xQxK: jax.Array,
+    mask_Bx1xQxK: "jax.Array | CausalSegments",
     impl: AttentionImpl = "xla",
 ) -> jax.Array:
-  """Attention with N query heads over M key/value heads (N % M == 0)."""
+  """Attention with N query heads over M key/value heads (N % M == 0).
+
+  The mask is dense [B, 1, Q, K], or `CausalSegments` for full causal self-attention.
+  splash needs the latter; given a dense mask (cached decoding) it falls back to XLA.
+  auto: splash on TPU where the length tiles, XLA otherwise.
+  """
   if q_BxQxNxH.shape[2] % k_BxKxMxH.shape[2]:
     raise ValueError(
         f"num_heads={q_BxQxNxH.shape[2]} is not a multiple of "
         f"num_kv_heads={k_BxKxMxH.shape[2]}"
     )
-  if impl == "xla":
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"config key model.attention_impl={impl!r} is not one of {ATTENTION_IMPLS}")
+  if impl == "auto":
+    tiles = isinstance(mask_Bx1xQxK, CausalSegments) and _splash_tiles(q_BxQxNxH.shape[1])
+    impl = "splash" if tiles and jax.default_backend() == "tpu" else "xla"
+  if isinstance(mask_Bx1xQxK, CausalSegments):
+    if impl == "splash":
+      return _splash_attention(q_BxQxNxH, k_BxKxMxH, v_BxKxMxH, mask_Bx1xQxK.segment_ids_BxL)
+    mask_Bx1xQxK = mask_Bx1xQxK.dense()
+  if impl in ("xla", "splash"):
     return _xla_attention(q_BxQxNxH, k_BxKxMxH, v_BxKxMxH, mask_Bx1xQxK)
   if impl == "cudnn":
     # cuDNN flash attention (GPU, bf16/fp16); handles GQA and an explicit mask.
     return jax.nn.dot_product_attention(
         q_BxQxNxH, k_BxKxMxH, v_BxKxMxH, mask=mask_Bx1xQxK, implementation="cudnn"
     )
-  raise ValueError(
-      f"config key model.attention_impl={impl!r} is not one of {ATTENTION_IMPLS}"
-  )

@@ -257,9 +257,12 @@ class Block(nn.Module):
 def params_init_fn(model: "Transformer", seed: int = 0, seq_len: int = 8):
   """A no-argument function returning boxed params, for eval_shape and sharded jit."""
 
+  # Parameters do not depend on the attention kernel; XLA's takes any dummy length.
+  init_model = model.clone(config=dataclasses.replace(model.config, attention_impl="xla"))
+
   def init():
     dummy = jnp.zeros((1, seq_len), jnp.int32)
-    return model.init(jax.random.key(seed), dummy, dummy, dummy + 1)["params"]
+    return init_model.init(jax.random.key(seed), dummy, dummy, dummy + 1)["params"]
 
   return init
 
@@ -319,10 +322,7 @@ class Transformer(nn.Module):
     cfg = self.config
     length = tokens_BxL.shape[1]
     if cache is None:
-      slots = jnp.arange(length, dtype=jnp.int32)
-      mask = attention.attention_mask(
-          segment_ids_BxL, segment_ids_BxL, jnp.broadcast_to(slots, tokens_BxL.shape), slots
-      )
+      mask = attention.self_attention_mask(segment_ids_BxL, cfg.attention_impl)
       layer_caches, cache_index = None, None
     else:
       cache_index = cache["index"]

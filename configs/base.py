@@ -37,7 +37,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.scan_layers = True  # nn.scan over layers: compile time independent of depth.
   # Rematerialisation policy per layer: none | full | dots | dots_no_batch.
   model.remat_policy = "none"
-  model.attention_impl = "xla"  # xla | cudnn (GPU flash attention, bf16).
+  # auto (splash on TPU where the length tiles, else xla) | xla | cudnn (GPU flash
+  # attention, bf16) | splash (TPU Pallas flash attention; the sequence length a multiple
+  # of 128, and of 512 above 512; off TPU it runs in slow Pallas interpret mode).
+  model.attention_impl = "auto"
   # Initialise from an existing model: "" (random init), a Hugging Face model directory
   # (config.json + safetensors) or a cftjax checkpoint directory.
   model.init_from = ""

@@ -6,6 +6,8 @@ tokens changed, each example alone, and rows without segment ids (to show the ch
 would catch attention that crosses examples).
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -200,6 +202,100 @@ def test_attention_rejects_bad_head_counts_and_unknown_impl():
     attention.dot_product_attention(q, kv, kv, mask)
   with pytest.raises(ValueError, match="model.attention_impl='flash'"):
     attention.dot_product_attention(q, q, q, mask, impl="flash")
+
+
+# ------------------------------------------------------------------------------ splash
+SPLASH_LENGTH = 256  # two 128-token tiles, so some tiles are skipped, others partly masked
+
+
+def packed_segments(batch: int, length: int, seed: int) -> np.ndarray:
+  """Rows of several examples of random lengths, then padding (segment 0)."""
+  rng = np.random.default_rng(seed)
+  rows = np.zeros((batch, length), np.int32)
+  for row in rows:
+    start, segment = 0, 1
+    while start < length - 20:
+      n = int(rng.integers(10, 150))
+      row[start:start + n] = segment
+      start, segment = min(start + n, length), segment + 1
+    row[start:] = 0 if rng.random() < 0.5 else segment - 1  # padding, or the last example runs on
+  return rows
+
+
+def attention_loss(impl):
+  def loss(q, k, v, segments, cotangent):
+    mask = attention.self_attention_mask(segments, impl)
+    return jnp.sum(attention.dot_product_attention(q, k, v, mask, impl) * cotangent)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2])
+def test_splash_kernel_equals_xla_attention_values_and_gradients(num_kv_heads):
+  rng = np.random.default_rng(num_kv_heads)
+  shape = (2, SPLASH_LENGTH, 4, 64)
+  q = rng.standard_normal(shape).astype(np.float32)
+  k, v = (rng.standard_normal(shape[:2] + (num_kv_heads, 64)).astype(np.float32) for _ in range(2))
+  segments, cotangent = packed_segments(2, SPLASH_LENGTH, seed=3), rng.standard_normal(shape).astype(np.float32)
+  (want, want_grads), (got, got_grads) = (attention_loss(impl)(q, k, v, segments, cotangent) for impl in ("xla", "splash"))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for name, g, w in zip("qkv", got_grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")
+
+
+def test_splash_refuses_lengths_that_do_not_tile():
+  q = jnp.zeros((1, 200, 2, 64))
+  with pytest.raises(ValueError, match="multiple of 128.*got 200 \\(data.max_length\\)"):
+    attention.dot_product_attention(q, q, q, attention.CausalSegments(jnp.ones((1, 200), jnp.int32)), "splash")
+
+
+@pytest.mark.parametrize("backend, length, expected", [("cpu", 256, "xla"), ("tpu", 256, "splash"), ("tpu", 200, "xla")])
+def test_auto_takes_splash_on_tpu_where_the_length_tiles(backend, length, expected, monkeypatch):
+  monkeypatch.setattr(attention.jax, "default_backend", lambda: backend)
+  q = jnp.zeros((1, length, 2, 64))
+  mask = attention.self_attention_mask(jnp.ones((1, length), jnp.int32), "auto")
+  jaxpr = str(jax.make_jaxpr(lambda q: attention.dot_product_attention(q, q, q, mask, "auto"))(q))
+  assert ("pallas_call" in jaxpr) == (expected == "splash")
+  if backend == "cpu":
+    xla = attention.dot_product_attention(q + 1, q, q, mask.dense(), "xla")
+    np.testing.assert_array_equal(attention.dot_product_attention(q + 1, q, q, mask, "auto"), xla)
+
+
+def test_splash_model_sharded_over_a_mesh_equals_xla_on_one_device():
+  """The kernel runs per shard (shard_map) with batch over data x fsdp and heads over tensor;
+  num_kv_heads=1 does not divide tensor=2, so key/value heads stay whole there. The splash
+  model also scans and rematerialises its layers, as the 7B configs do."""
+  from cftjax import sharding
+
+  outputs = {}
+  for impl, kv_heads in (("xla", 2), ("splash", 2), ("xla", 1), ("splash", 1)):
+    config = dataclasses.replace(CONFIG, head_dim=64, num_kv_heads=kv_heads, attention_impl=impl,
+                                 remat_policy="dots_no_batch" if impl == "splash" else "none")
+    model = Transformer(config)
+    params = host_params(model, seed=kv_heads)
+    segments = packed_segments(4, SPLASH_LENGTH, seed=5)
+    tokens = np.random.default_rng(0).integers(1, CONFIG.vocab_size, segments.shape).astype(np.int32)
+    positions = np.zeros_like(segments)
+    for row, seg in zip(positions, segments):
+      for sid in np.unique(seg):
+        row[seg == sid] = np.arange(np.sum(seg == sid))
+
+    def loss(params):
+      logits, _ = model.apply({"params": params}, tokens, positions, segments)
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * (segments > 0)), logits
+
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    if impl == "splash":
+      mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+      with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        outputs[impl, kv_heads] = jax.device_get(step(params))
+    else:
+      outputs[impl, kv_heads] = jax.device_get(step(params))
+  for kv_heads in (1, 2):
+    (want_loss, want_logits), want_grads = outputs["xla", kv_heads]
+    (got_loss, got_logits), got_grads = outputs["splash", kv_heads]
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4), got_grads, want_grads)
 
 
 # ------------------------------------------------------------------------------ RoPE
