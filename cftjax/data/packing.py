@@ -2,16 +2,16 @@
 
 Grain's online packers (first-fit and best-fit) place each example as it arrives and emit
 all their bins as soon as one example fits none of them, so every emitted group ends with
-half-empty rows: about 90% of a 2048-token row holds tokens with CFT's length mix, however
-many bins they keep. Looking ahead fixes that. This packer reads a window of examples,
-sorts them longest first and puts each into the open row it fills most tightly (best-fit
-decreasing, within a few percent of the optimal row count), then emits the rows in a
-seeded random order so batch composition does not follow length.
+half-empty rows: on the pipeline benchmark's CFT corpus they fill 81% (8 bins) to 91% (256
+bins) of a 2048-token row. Looking ahead fixes that. This packer reads a window of
+examples, sorts them longest first and puts each into the open row it fills most tightly
+(best-fit decreasing, within 11/9 of the optimal row count), then emits the rows in a
+seeded random order so batch composition does not follow length: 95.7% on that corpus
+with a window of 1024, close to what its lengths allow.
 
-Only the rows at a window's end stay partly empty, so a window of ~1000 examples packs
-~97-99%. The iterator state is three small numbers plus the parent's state where the
-window began: restoring re-reads and re-packs that window (deterministically) and skips
-the rows already emitted, so a resumed run sees exactly the rows an uninterrupted one does.
+The iterator state is three small numbers plus the parent's state where the window began:
+restoring re-reads and re-packs that window (deterministically) and skips the rows already
+emitted, so a resumed run sees exactly the rows an uninterrupted one does.
 """
 
 import bisect
