@@ -1,15 +1,17 @@
 """Causal, segment-aware grouped-query attention.
 
 One rule covers training on packed rows and cached decoding: query i may attend to key j
-exactly when both carry the same segment id and j's slot index is not after i's. Packing
-gives every example its own segment id (0 = padding), so no token ever sees another
-example; decoding gives real cache slots id 1 and padded slots id 0.
+exactly when both carry the same segment id and j's slot index is not after i's (and, with
+a sliding window W as in Mistral, fewer than W slots before it). Packing gives every
+example its own segment id (0 = padding), so no token ever sees another example; decoding
+gives real cache slots id 1 and padded slots id 0.
 """
 
 import math
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -19,21 +21,24 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 SPLASH_MAX_BLOCK = 512  # splash kernel tile along the sequence (q and kv)
 
 
-class CausalSegments(NamedTuple):
+@flax.struct.dataclass
+class CausalSegments:
   """Causal self-attention over packed rows, given by their segment ids [B, L] instead of a
   dense mask: what kernels that build the mask tile by tile (splash) take."""
 
   segment_ids_BxL: jax.Array
+  window: int = flax.struct.field(pytree_node=False, default=0)  # 0: no sliding window
 
   def dense(self) -> jax.Array:
     slots = jnp.arange(self.segment_ids_BxL.shape[1], dtype=jnp.int32)
     return attention_mask(self.segment_ids_BxL, self.segment_ids_BxL,
-                          jnp.broadcast_to(slots, self.segment_ids_BxL.shape), slots)
+                          jnp.broadcast_to(slots, self.segment_ids_BxL.shape), slots, self.window)
 
 
-def self_attention_mask(segment_ids_BxL: jax.Array, impl: AttentionImpl) -> "jax.Array | CausalSegments":
-  """The mask of full causal self-attention (training, scoring) in the form `impl` takes."""
-  segments = CausalSegments(segment_ids_BxL)
+def self_attention_mask(segment_ids_BxL: jax.Array, impl: AttentionImpl,
+                        window: int = 0) -> "jax.Array | CausalSegments":
+  """The mask of causal self-attention (training, scoring) in the form `impl` takes."""
+  segments = CausalSegments(segment_ids_BxL, window)
   return segments if impl in ("splash", "auto") else segments.dense()
 
 
@@ -47,11 +52,16 @@ def attention_mask(
     kv_segment_ids_BxK: jax.Array,
     q_slots_BxQ: jax.Array,
     kv_slots_K: jax.Array,
+    window: int = 0,
 ) -> jax.Array:
-  """Boolean [B, 1, Q, K] mask: same segment and key slot <= query slot."""
+  """Boolean [B, 1, Q, K] mask: same segment, key slot <= query slot and, with a sliding
+  window (window > 0), query slot - key slot < window."""
   same_segment = q_segment_ids_BxQ[:, :, None] == kv_segment_ids_BxK[:, None, :]
-  causal = kv_slots_K[None, None, :] <= q_slots_BxQ[:, :, None]
-  return (same_segment & causal)[:, None, :, :]
+  behind = q_slots_BxQ[:, :, None] - kv_slots_K[None, None, :]
+  allowed = same_segment & (behind >= 0)
+  if window:
+    allowed &= behind < window
+  return allowed[:, None, :, :]
 
 
 def _xla_attention(q_BxQxNxH, k_BxKxMxH, v_BxKxMxH, mask_Bx1xQxK):
@@ -71,7 +81,7 @@ def _xla_attention(q_BxQxNxH, k_BxKxMxH, v_BxKxMxH, mask_Bx1xQxK):
   return out.reshape(batch, q_len, num_heads, head_dim)
 
 
-def _splash_attention(q_BxLxNxH, k_BxLxMxH, v_BxLxMxH, segment_ids_BxL):
+def _splash_attention(q_BxLxNxH, k_BxLxMxH, v_BxLxMxH, segment_ids_BxL, window: int):
   """TPU splash attention (Pallas): the mask is built per tile from causality and segment
   ids, and tiles entirely masked out are skipped. Elsewhere the kernel runs in Pallas
   interpret mode, which is slow and meant for tests."""
@@ -81,7 +91,7 @@ def _splash_attention(q_BxLxNxH, k_BxLxMxH, v_BxLxMxH, segment_ids_BxL):
   if not _splash_tiles(length):
     raise ValueError(f"model.attention_impl='splash' needs a sequence length that is a multiple of 128 "
                      f"(and of {SPLASH_MAX_BLOCK} above it); got {length} (data.max_length)")
-  kernel = _splash_kernel(length, group, block, jax.default_backend() != "tpu")
+  kernel = _splash_kernel(length, group, block, window, jax.default_backend() != "tpu")
 
   def local(q, k, v, segment_ids):
     batch, num_kv_heads = q.shape[0], k.shape[2]
@@ -118,11 +128,15 @@ def _divisible_spec(spec: P, shape, mesh) -> tuple:
   return tuple(out)
 
 
-def _splash_kernel(length: int, num_heads: int, block: int, interpret: bool):
+def _splash_kernel(length: int, num_heads: int, block: int, window: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 
-  mask = mask_lib.MultiHeadMask([mask_lib.CausalMask((length, length)) for _ in range(num_heads)])
+  if window:  # keys from q - (window - 1) to q
+    head_mask = mask_lib.LocalMask((length, length), window_size=(window - 1, 0), offset=0)
+  else:
+    head_mask = mask_lib.CausalMask((length, length))
+  mask = mask_lib.MultiHeadMask([head_mask for _ in range(num_heads)])
   sizes = kernel_lib.BlockSizes(
       block_q=block, block_kv=block, block_kv_compute=block,
       block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
@@ -164,7 +178,8 @@ def dot_product_attention(
     impl = "splash" if tiles and jax.default_backend() == "tpu" else "xla"
   if isinstance(mask_Bx1xQxK, CausalSegments):
     if impl == "splash":
-      return _splash_attention(q_BxQxNxH, k_BxKxMxH, v_BxKxMxH, mask_Bx1xQxK.segment_ids_BxL)
+      return _splash_attention(q_BxQxNxH, k_BxKxMxH, v_BxKxMxH, mask_Bx1xQxK.segment_ids_BxL,
+                               mask_Bx1xQxK.window)
     mask_Bx1xQxK = mask_Bx1xQxK.dense()
   if impl in ("xla", "splash"):
     return _xla_attention(q_BxQxNxH, k_BxKxMxH, v_BxKxMxH, mask_Bx1xQxK)

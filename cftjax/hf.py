@@ -14,9 +14,10 @@ no bf16), reads only the byte ranges a shard needs and writes a file without hol
 in memory. Anything unexpected (missing file, unknown tensor, wrong shape, unsupported
 config option) raises an error naming the file and the tensor or field.
 
-Mistral's sliding window (and Qwen2's `use_sliding_window`) is not implemented: our
-attention is full causal. The two agree exactly for sequences no longer than the window,
-so import warns, and `hf_model_config(..., max_length=N)` refuses N above the window.
+Mistral's sliding window is imported as `model.sliding_window`. Qwen2's
+`use_sliding_window` (a window on only some layers) is not implemented: full causal
+attention agrees with it for sequences no longer than the window, so import warns, and
+`hf_model_config(..., max_length=N)` refuses N above the window.
 """
 
 from __future__ import annotations
@@ -153,9 +154,9 @@ def _rope_fields(hf_config: dict, where: str) -> dict:
   return fields
 
 
-def _sliding_window(hf_config: dict, family: str) -> int | None:
+def _unsupported_sliding_window(hf_config: dict, family: str) -> int | None:
   window = hf_config.get("sliding_window")
-  if family == "mistral" or (family == "qwen2" and hf_config.get("use_sliding_window")):
+  if family == "qwen2" and hf_config.get("use_sliding_window"):
     return int(window) if window else None
   return None
 
@@ -163,8 +164,8 @@ def _sliding_window(hf_config: dict, family: str) -> int | None:
 def hf_model_config(hf_dir: str | os.PathLike, max_length: int | None = None, warn: bool = True) -> dict:
   """config.json -> overrides for `config.model` (keys are `config.model` field names).
 
-  `max_length` (the training/eval sequence length) is checked against a sliding window:
-  above it our full attention would differ from the model's, so that is an error.
+  `max_length` (the training/eval sequence length) is checked against Qwen2's sliding
+  window: above it our full attention would differ from the model's, so that is an error.
   """
   hf_config = read_hf_config(hf_dir)
   where = str(Path(hf_dir) / "config.json")
@@ -191,7 +192,7 @@ def hf_model_config(hf_dir: str | os.PathLike, max_length: int | None = None, wa
       raise ValueError(f"{where}: hidden_size={hidden_size} is not a multiple of num_attention_heads={num_heads}")
     head_dim = hidden_size // num_heads
 
-  window = _sliding_window(hf_config, family)
+  window = _unsupported_sliding_window(hf_config, family)
   if window is not None:
     if max_length is not None and max_length > window:
       raise ValueError(
@@ -218,6 +219,7 @@ def hf_model_config(hf_dir: str | os.PathLike, max_length: int | None = None, wa
       # All three families default to untied embeddings in transformers.
       "tie_embeddings": bool(hf_config.get("tie_word_embeddings", False)),
       "qkv_bias": family == "qwen2",
+      "sliding_window": int(hf_config.get("sliding_window") or 0) if family == "mistral" else 0,
   }
   overrides.update(_rope_fields(hf_config, where))
   return overrides
@@ -675,7 +677,7 @@ def model_config_family(config: ml_collections.ConfigDict) -> str:
 def hf_config_dict(model_config: ModelConfig, family: str, torch_dtype: str,
                    base: dict | None = None) -> dict:
   """config.json for transformers; fields we do not model (token ids, max positions,
-  sliding window) come from `base`, the original model's config.json, when given."""
+  Qwen2 sliding-window fields) come from `base`, the original model's config.json, when given."""
   architecture, model_type = FAMILY_TO_HF[family]
   out = dict(base or {}) if (base or {}).get("model_type") == model_type else {}
   for stale in ("rope_parameters", "rope_scaling", "dtype", "transformers_version", "_name_or_path"):
@@ -714,7 +716,7 @@ def hf_config_dict(model_config: ModelConfig, family: str, torch_dtype: str,
   if family == "llama":
     out.update(attention_bias=False, mlp_bias=False)
   if family == "mistral":
-    out.setdefault("sliding_window", None)
+    out["sliding_window"] = model_config.sliding_window or None
   if family == "qwen2":
     out.setdefault("use_sliding_window", False)
     out.setdefault("sliding_window", None)

@@ -52,6 +52,7 @@ class ModelConfig:
   scan_layers: bool = True
   remat_policy: str = "none"
   attention_impl: str = "xla"
+  sliding_window: int = 0  # Mistral: attend to at most this many tokens (self included); 0 = all
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -71,6 +72,8 @@ class ModelConfig:
           f"model.attention_impl={self.attention_impl!r} is not one of "
           f"{attention.ATTENTION_IMPLS}"
       )
+    if self.sliding_window < 0:
+      raise ValueError(f"model.sliding_window={self.sliding_window} must be >= 0 (0 = no window)")
     if self.rope_scaling_type not in ("", "llama3"):
       raise ValueError(
           f"model.rope_scaling_type={self.rope_scaling_type!r} is not '' or 'llama3'"
@@ -322,7 +325,7 @@ class Transformer(nn.Module):
     cfg = self.config
     length = tokens_BxL.shape[1]
     if cache is None:
-      mask = attention.self_attention_mask(segment_ids_BxL, cfg.attention_impl)
+      mask = attention.self_attention_mask(segment_ids_BxL, cfg.attention_impl, cfg.sliding_window)
       layer_caches, cache_index = None, None
     else:
       cache_index = cache["index"]
@@ -331,8 +334,10 @@ class Transformer(nn.Module):
       )
       q_slots = cache_index + jnp.arange(length, dtype=jnp.int32)
       kv_slots = jnp.arange(kv_segment_ids.shape[1], dtype=jnp.int32)
+      # A sequence's cache slots are contiguous (left padding), so slot distance is token distance.
       mask = attention.attention_mask(
-          segment_ids_BxL, kv_segment_ids, jnp.broadcast_to(q_slots, tokens_BxL.shape), kv_slots
+          segment_ids_BxL, kv_segment_ids, jnp.broadcast_to(q_slots, tokens_BxL.shape), kv_slots,
+          cfg.sliding_window,
       )
       layer_caches = {"k": cache["k"], "v": cache["v"]}
 

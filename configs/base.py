@@ -41,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   # attention, bf16) | splash (TPU Pallas flash attention; the sequence length a multiple
   # of 128, and of 512 above 512; off TPU it runs in slow Pallas interpret mode).
   model.attention_impl = "auto"
+  # Sliding-window attention (Mistral): each token sees at most this many tokens, itself
+  # included. 0 = all earlier tokens. Set by HF import from config.json.
+  model.sliding_window = 0
   # Initialise from an existing model: "" (random init), a Hugging Face model directory
   # (config.json + safetensors) or a cftjax checkpoint directory.
   model.init_from = ""

@@ -161,6 +161,15 @@ def test_padding_produces_no_nan_and_does_not_disturb_real_tokens(logits):
   np.testing.assert_allclose(logits["left_padded_0"][3:3 + n], logits["alone_0"][:n], rtol=0, atol=1e-5)
 
 
+def test_sliding_window_keeps_exactly_the_last_window_keys():
+  slots = jnp.arange(8)
+  segments = jnp.asarray([[1, 1, 1, 1, 1, 1, 2, 2]])
+  mask = np.asarray(attention.attention_mask(segments, segments, slots[None], slots, window=3))[0, 0]
+  for q in range(8):
+    for k in range(8):
+      assert mask[q, k] == (segments[0, q] == segments[0, k] and 0 <= q - k < 3), (q, k)
+
+
 # ------------------------------------------------------------------------------ kernels
 def reference_attention(q, k, v, mask):
   """numpy softmax attention with k/v heads repeated to the query heads (HF repeat_kv)."""
@@ -222,21 +231,22 @@ def packed_segments(batch: int, length: int, seed: int) -> np.ndarray:
   return rows
 
 
-def attention_loss(impl):
+def attention_loss(impl, window=0):
   def loss(q, k, v, segments, cotangent):
-    mask = attention.self_attention_mask(segments, impl)
+    mask = attention.self_attention_mask(segments, impl, window)
     return jnp.sum(attention.dot_product_attention(q, k, v, mask, impl) * cotangent)
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
-@pytest.mark.parametrize("num_kv_heads", [1, 2])
-def test_splash_kernel_equals_xla_attention_values_and_gradients(num_kv_heads):
+@pytest.mark.parametrize("num_kv_heads, window", [(1, 0), (2, 0), (2, 40)])
+def test_splash_kernel_equals_xla_attention_values_and_gradients(num_kv_heads, window):
   rng = np.random.default_rng(num_kv_heads)
   shape = (2, SPLASH_LENGTH, 4, 64)
   q = rng.standard_normal(shape).astype(np.float32)
   k, v = (rng.standard_normal(shape[:2] + (num_kv_heads, 64)).astype(np.float32) for _ in range(2))
   segments, cotangent = packed_segments(2, SPLASH_LENGTH, seed=3), rng.standard_normal(shape).astype(np.float32)
-  (want, want_grads), (got, got_grads) = (attention_loss(impl)(q, k, v, segments, cotangent) for impl in ("xla", "splash"))
+  (want, want_grads), (got, got_grads) = (
+      attention_loss(impl, window)(q, k, v, segments, cotangent) for impl in ("xla", "splash"))
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for name, g, w in zip("qkv", got_grads, want_grads):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")

@@ -20,10 +20,10 @@ NEW_TOKENS = 8
 PROMPTS = [[3, 9, 4], list(range(5, 25)), [7], [11, 2, 30, 41, 8, 8, 19]]
 
 
-def tiny_config(scan_layers: bool = True) -> ModelConfig:
+def tiny_config(scan_layers: bool = True, sliding_window: int = 0) -> ModelConfig:
   return ModelConfig(
       vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-      head_dim=8, intermediate_size=64, scan_layers=scan_layers,
+      head_dim=8, intermediate_size=64, scan_layers=scan_layers, sliding_window=sliding_window,
   )
 
 
@@ -78,9 +78,11 @@ def reference_greedy(model, params, prompts, num_new):
 
 
 # ------------------------------------------------------------------------------ exactness
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_cached_greedy_equals_full_forward_argmax(scan_layers):
-  model, params = init_params(tiny_config(scan_layers), seed=1)
+@pytest.mark.parametrize("scan_layers, sliding_window", [(True, 0), (False, 0), (True, 6)])
+def test_cached_greedy_equals_full_forward_argmax(scan_layers, sliding_window):
+  """With a sliding window of 6 the prompts (up to 20 tokens, left-padded in the cache)
+  and the generated tokens all run past it."""
+  model, params = init_params(tiny_config(scan_layers, sliding_window), seed=1)
   expected = reference_greedy(model, params, PROMPTS, NEW_TOKENS)
   got = gen.generate(model, params, PROMPTS, settings(), progress=False)
   assert got == expected

@@ -1,5 +1,6 @@
 """Hugging Face import/export parity against transformers on tiny random models (CPU torch)."""
 
+import dataclasses
 import functools
 import json
 import logging
@@ -35,7 +36,7 @@ def _hf_model(family: str, seed: int = 0, **overrides):
     model_class = transformers.Qwen2ForCausalLM
   else:  # mistral, multi-head attention, explicit head_dim
     config = transformers.MistralConfig(**TINY, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
-                                        sliding_window=None, **overrides)
+                                        **{"sliding_window": None, **overrides})
     model_class = transformers.MistralForCausalLM
   torch.manual_seed(seed)
   model = model_class(config).eval()
@@ -238,14 +239,31 @@ def test_default_chat_template_tells_llama3_from_llama3_1(tokenizer_json, templa
   assert hf.default_chat_template("qwen2", tmp_path) == "qwen"
 
 
-def test_mistral_sliding_window_warns_or_refuses(tmp_path, caplog):
-  directory = _write_config(tmp_path, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=4096)
+def test_mistral_sliding_window_matches_transformers(tmp_path):
+  """A window of 5 in 24-token sequences: most queries lose keys, so any off-by-one shows."""
+  model = _hf_model("mistral", sliding_window=5)
+  model.save_pretrained(tmp_path)
+  model_config = _model_config(tmp_path)
+  assert model_config.sliding_window == 5
+  params = hf.import_params(tmp_path, model_config, _mesh())
+  tokens = _tokens()
+  want = _torch_logits(model, tokens)
+  np.testing.assert_allclose(_our_logits(params, model_config, tokens), want, atol=1e-4, rtol=0)
+  full = dataclasses.replace(model_config, sliding_window=0)
+  assert np.abs(_our_logits(params, full, tokens) - want).max() > 1e-2  # the window matters here
+  assert hf.hf_config_dict(model_config, "mistral", "float32")["sliding_window"] == 5
+
+
+def test_qwen2_sliding_window_warns_or_refuses(tmp_path, caplog):
+  """Qwen2's use_sliding_window (a window on some layers only) is not implemented."""
+  directory = _write_config(tmp_path, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
+                            sliding_window=4096, use_sliding_window=True)
   with caplog.at_level(logging.WARNING):
-    assert hf.hf_model_config(directory, max_length=4096)["family"] == "mistral"
+    assert hf.hf_model_config(directory, max_length=4096)["family"] == "qwen2"
   assert "sliding_window=4096 is not implemented" in caplog.text
   with pytest.raises(ValueError, match="sliding_window=4096.*max length 8192"):
     hf.hf_model_config(directory, max_length=8192)
-  qwen = _write_config(tmp_path / "qwen", architectures=["Qwen2ForCausalLM"], model_type="qwen2",
+  qwen = _write_config(tmp_path / "off", architectures=["Qwen2ForCausalLM"], model_type="qwen2",
                        sliding_window=4096, use_sliding_window=False)
   assert hf.hf_model_config(qwen, max_length=8192)["qkv_bias"] is True  # window off: no limit
 
