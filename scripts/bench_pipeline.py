@@ -2,7 +2,7 @@
 ratio of pipeline throughput to what a train step consumes.
 
   python scripts/bench_pipeline.py [--rows=4000] [--max_length=2048] [--seconds=20]
-      [--packing_window=N]
+      [--packing_window=N | --grain_first_fit_bins=N]
 
 Builds a synthetic CFT corpus with a realistic length distribution (prompts and critiques
 of a few hundred to a couple of thousand tokens), writes it as a TFDS ArrayRecord dataset
@@ -93,12 +93,29 @@ def train_step_tokens_per_second(steps: int = 6) -> float:
   return result.last_metrics["tokens_per_second"]
 
 
+def use_grain_first_fit(bins: int) -> None:
+  """Swaps the trainer's packer for grain's online first-fit packer (the baseline)."""
+  import grain
+  from cftjax.data import pipeline
+
+  def pack_and_batch(ds, *, max_length, rows, packing, window, seed):
+    del packing, window
+    ds = grain.experimental.FirstFitPackIterDataset(
+        ds, length_struct={k: max_length for k in (*pipeline.TOKEN_FEATURES, "stats")}, num_packing_bins=bins,
+        seed=seed, shuffle_bins=True, meta_features=("targets", "weights", "objective_ids", "source_ids", "stats"))
+    return ds.batch(rows, drop_remainder=False)
+
+  pipeline.pack_and_batch = pack_and_batch
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rows", type=int, default=4000)
   parser.add_argument("--max_length", type=int, default=2048)
   parser.add_argument("--batch_rows", type=int, default=8)
   parser.add_argument("--packing_window", type=int, default=None, help="default: the config's")
+  parser.add_argument("--grain_first_fit_bins", type=int, default=0,
+                      help="baseline: pack with grain's FirstFitPackIterDataset and this many bins instead")
   parser.add_argument("--seconds", type=float, default=20.0)
   parser.add_argument("--workers", default="0,1,2")
   args = parser.parse_args()
@@ -128,6 +145,8 @@ def main():
     data.tokenizer, data.max_length = str(tokenizer), args.max_length
     data.num_epochs = 1000  # never run dry while timing
     data.packing_window = args.packing_window or data.packing_window
+    if args.grain_first_fit_bins:
+      use_grain_first_fit(args.grain_first_fit_bins)
     sources = sources_lib.load_sources(data, "train")
     lengths = example_lengths(data, sources, data.tokenizer)
     p10, p50, p90, p99 = np.percentile(lengths, [10, 50, 90, 99]).astype(int)
