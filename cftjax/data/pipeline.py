@@ -150,6 +150,9 @@ def make_dataset(
   """The full pipeline for one process; `rows` = this process's rows per batch."""
   if data_config.truncation not in TRUNCATION_POLICIES:
     raise ValueError(f"config key data.truncation={data_config.truncation!r} is not one of {TRUNCATION_POLICIES}")
+  for key in ("read_threads", "read_buffer_size", "worker_count"):
+    if data_config[key] < 0:
+      raise ValueError(f"config key data.{key}={data_config[key]} must be >= 0")
   ds = record_dataset(
       sources, seed=data_config.shuffle_seed, num_epochs=data_config.num_epochs if train else 1,
       shuffle=train, process_index=process_index, process_count=process_count,

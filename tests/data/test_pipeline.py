@@ -106,6 +106,12 @@ def test_unknown_truncation_policy_names_the_key(demo):
     build(demo, truncation="cut")
 
 
+@pytest.mark.parametrize("key", ["read_threads", "read_buffer_size", "worker_count", "packing_window"])
+def test_negative_pipeline_sizes_name_the_key(demo, key):
+  with pytest.raises(ValueError, match=f"data.{key}=-1"):
+    build(demo, **{key: -1})
+
+
 def test_encode_drop_leaves_a_counted_zero_weight_placeholder(demo):
   _, tokenizer, prepared = demo
   record = prepared.records("train", "cft")[0]
