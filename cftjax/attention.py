@@ -7,7 +7,6 @@ example its own segment id (0 = padding), so no token ever sees another example;
 gives real cache slots id 1 and padded slots id 0.
 """
 
-import math
 from typing import Literal
 
 import flax.linen as nn
@@ -15,6 +14,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from cftjax import sharding
 
 AttentionImpl = Literal["auto", "xla", "cudnn", "splash"]
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
@@ -111,21 +112,11 @@ def _splash_attention(q_BxLxNxH, k_BxLxMxH, v_BxLxMxH, segment_ids_BxL, window: 
     return local(q_BxLxNxH, k_BxLxMxH, v_BxLxMxH, segment_ids_BxL)
   # A Pallas kernel cannot be partitioned by XLA: run it per shard, sharded the way the
   # logical rules shard activations (dims that do not divide stay whole).
-  batch_axes, _, head_axes, _ = _divisible_spec(
-      nn.logical_to_mesh_axes(("act_batch", "act_length", "act_kv_heads", None)), k_BxLxMxH.shape, mesh)
+  batch_axes, _, head_axes, _ = sharding.fit_spec_to_shape(
+      nn.logical_to_mesh_axes(("act_batch", "act_length", "act_kv_heads", None)), k_BxLxMxH.shape, mesh.shape)
   qkv, ids = P(batch_axes, None, head_axes, None), P(batch_axes, None)
   return jax.shard_map(local, in_specs=(qkv, qkv, qkv, ids), out_specs=qkv, check_vma=False)(
       q_BxLxNxH, k_BxLxMxH, v_BxLxMxH, segment_ids_BxL)
-
-
-def _divisible_spec(spec: P, shape, mesh) -> tuple:
-  """`spec` padded to len(shape), with each dim's axes dropped unless they divide it."""
-  out = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    size = math.prod(mesh.shape[name] for name in names)
-    out.append(axes if names and dim % size == 0 else None)
-  return tuple(out)
 
 
 def _splash_kernel(length: int, num_heads: int, block: int, window: int, interpret: bool):

@@ -77,14 +77,20 @@ def fit_sharding_to_shape(sharding: NamedSharding, shape: tuple[int, ...]) -> Na
   the tensor axis does not divide (32001) could not be placed at all. Replicating that
   one dimension is what Megatron-style stacks do for kv heads; the rest stays sharded.
   """
-  spec = list(sharding.spec)
-  for dim, axes in enumerate(spec):
+  return NamedSharding(sharding.mesh, fit_spec_to_shape(sharding.spec, shape, sharding.mesh.shape))
+
+
+def fit_spec_to_shape(spec: P, shape: tuple[int, ...], mesh_shape: dict[str, int]) -> P:
+  """`spec` for an array of `shape` (padded to its rank), each dimension its mesh axes do
+  not divide left whole."""
+  out = list(spec) + [None] * (len(shape) - len(spec))
+  for dim, axes in enumerate(out):
     if axes is None:
       continue
     names = axes if isinstance(axes, tuple) else (axes,)
-    if shape[dim] % int(np.prod([sharding.mesh.shape[n] for n in names])):
-      spec[dim] = None
-  return NamedSharding(sharding.mesh, P(*spec))
+    if shape[dim] % int(np.prod([mesh_shape[n] for n in names])):
+      out[dim] = None
+  return P(*out)
 
 
 def abstract_params_and_shardings(
