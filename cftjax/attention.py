@@ -43,9 +43,10 @@ def self_attention_mask(segment_ids_BxL: jax.Array, impl: AttentionImpl,
   return segments if impl in ("splash", "auto") else segments.dense()
 
 
-def _splash_tiles(length: int) -> bool:
+def _splash_block(length: int) -> int:
+  """The splash tile for a sequence length, or 0 when the length does not tile."""
   block = min(SPLASH_MAX_BLOCK, length)
-  return length % block == 0 and block % 128 == 0
+  return block if length % block == 0 and block % 128 == 0 else 0
 
 
 def attention_mask(
@@ -88,10 +89,12 @@ def _splash_attention(q_BxLxNxH, k_BxLxMxH, v_BxLxMxH, segment_ids_BxL, window: 
   interpret mode, which is slow and meant for tests."""
   length, head_dim = q_BxLxNxH.shape[1], q_BxLxNxH.shape[3]
   group = q_BxLxNxH.shape[2] // k_BxLxMxH.shape[2]
-  block = min(SPLASH_MAX_BLOCK, length)
-  if not _splash_tiles(length):
+  block = _splash_block(length)
+  if not block:
     raise ValueError(f"model.attention_impl='splash' needs a sequence length that is a multiple of 128 "
                      f"(and of {SPLASH_MAX_BLOCK} above it); got {length} (data.max_length)")
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
+
   kernel = _splash_kernel(length, group, block, window, jax.default_backend() != "tpu")
 
   def local(q, k, v, segment_ids):
@@ -101,7 +104,7 @@ def _splash_attention(q_BxLxNxH, k_BxLxMxH, v_BxLxMxH, segment_ids_BxL, window: 
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
     def one_head(q_GxLxH, k_LxH, v_LxH, ids_L):
-      return kernel(q_GxLxH, k_LxH, v_LxH, segment_ids=_splash_segment_ids(ids_L, ids_L))
+      return kernel(q_GxLxH, k_LxH, v_LxH, segment_ids=kernel_lib.SegmentIds(q=ids_L, kv=ids_L))
 
     per_row = jax.vmap(one_head, in_axes=(0, 0, 0, None))
     out = jax.vmap(per_row)(q, k, v, segment_ids)
@@ -138,11 +141,6 @@ def _splash_kernel(length: int, num_heads: int, block: int, window: int, interpr
   return kernel_lib.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
-def _splash_segment_ids(q_ids, kv_ids):
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
-
-  return kernel_lib.SegmentIds(q=q_ids, kv=kv_ids)
-
 
 def dot_product_attention(
     q_BxQxNxH: jax.Array,
@@ -165,7 +163,7 @@ def dot_product_attention(
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"config key model.attention_impl={impl!r} is not one of {ATTENTION_IMPLS}")
   if impl == "auto":
-    tiles = isinstance(mask_Bx1xQxK, CausalSegments) and _splash_tiles(q_BxQxNxH.shape[1])
+    tiles = isinstance(mask_Bx1xQxK, CausalSegments) and _splash_block(q_BxQxNxH.shape[1])
     impl = "splash" if tiles and jax.default_backend() == "tpu" else "xla"
   if isinstance(mask_Bx1xQxK, CausalSegments):
     if impl == "splash":

@@ -67,7 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
   data.packing = True  # Pack several examples into one row (best-fit decreasing).
   # Examples the packer sorts and packs together. Larger packs tighter (only the window's
   # last rows stay part-empty) but holds more examples in memory and re-reads up to one
-  # window on resume. ~1000 gives 97-99% at max_length 2048 with CFT-length examples.
+  # window on resume. 1024 packed 95.7% at max_length 2048 on the pipeline benchmark's
+  # CFT-length corpus (256: 94.4%, 4096: 96.1%).
   data.packing_window = 1024
   data.shuffle_seed = 0
   data.num_epochs = 1  # Passes over the training data; the run stops when it is used up.
