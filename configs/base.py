@@ -95,6 +95,16 @@ def get_config() -> ml_collections.ConfigDict:
   demo.error_fraction = 0.5  # Share of noisy responses that carry an injected error.
   demo.flawed_critique_fraction = 0.2  # Share of deliberately flawed critiques.
   demo.vocab_size = 512  # SentencePiece vocabulary trained on the demo corpus.
+  # Difficulty: values stay in [0, max_value); start values in [2, max_start]; add and
+  # subtract operands in [1, max_add_operand]; multipliers in [2, max_multiplier] (below 2:
+  # none). Injected errors: "arithmetic" (a result off by one of arithmetic_slips) and/or
+  # "operand" (an operand miscopied from the question), comma-separated.
+  demo.max_value = 1000
+  demo.max_start = 60
+  demo.max_add_operand = 30
+  demo.max_multiplier = 9
+  demo.error_kinds = "arithmetic,operand"
+  demo.arithmetic_slips = "-10,-3,-2,-1,1,2,3,10"
 
   # ---------------------------------------------------------------- training
   train = config.train = ml_collections.ConfigDict()

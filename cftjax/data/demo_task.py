@@ -41,12 +41,8 @@ from cftjax.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 SPLITS = ("train", "validation", "test")
 # Percent buckets [low, high) of the hashed problem space owned by each split.
 _SPLIT_BUCKET_BOUNDS = {"train": (0, 90), "validation": (90, 95), "test": (95, 100)}
-MAX_VALUE = 1000  # every value in a query, response or critique stays below this
-_START_RANGE = (2, 60)
-_MAX_ADD_OPERAND = 30
-_MAX_MULTIPLIER = 9
-_ERROR_KINDS = ("arithmetic", "operand")
-_ARITHMETIC_SLIPS = (-10, -3, -2, -1, 1, 2, 3, 10)
+MAX_VALUE = 1000  # the default bound: every value in a query, response or critique stays below it
+ERROR_KINDS = ("arithmetic", "operand")
 _OPERAND_SLIPS = (-2, -1, 1, 2)
 _PHRASES = {"+": "add", "-": "subtract", "*": "multiply by"}
 _OPS_BY_PHRASE = {phrase: op for op, phrase in _PHRASES.items()}
@@ -68,6 +64,16 @@ class DemoConfig:
     error_fraction: float = 0.5
     flawed_critique_fraction: float = 0.2
     vocab_size: int = 512  # upper bound for the demo SentencePiece model
+    # The task's difficulty: every value stays in [0, max_value); start values in
+    # [2, max_start]; add/subtract operands in [1, max_add_operand]; multipliers in
+    # [2, max_multiplier] (below 2: no multiplication); injected errors of these kinds, an
+    # arithmetic error shifting a result by one of arithmetic_slips.
+    max_value: int = MAX_VALUE
+    max_start: int = 60
+    max_add_operand: int = 30
+    max_multiplier: int = 9
+    error_kinds: tuple[str, ...] = ERROR_KINDS
+    arithmetic_slips: tuple[int, ...] = (-10, -3, -2, -1, 1, 2, 3, 10)
 
     def __post_init__(self) -> None:
         for name in ("num_train", "num_validation", "num_test"):
@@ -81,6 +87,17 @@ class DemoConfig:
         for name in ("error_fraction", "flawed_critique_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"DemoConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 2 <= self.max_start < self.max_value:
+            raise ValueError(
+                f"DemoConfig needs 2 <= max_start < max_value, got max_start={self.max_start}, "
+                f"max_value={self.max_value}"
+            )
+        if self.max_add_operand < 1:
+            raise ValueError(f"DemoConfig.max_add_operand must be >= 1, got {self.max_add_operand}")
+        if not self.error_kinds or set(self.error_kinds) - set(ERROR_KINDS):
+            raise ValueError(f"DemoConfig.error_kinds must be a non-empty subset of {ERROR_KINDS}, got {self.error_kinds}")
+        if not self.arithmetic_slips or 0 in self.arithmetic_slips:
+            raise ValueError(f"DemoConfig.arithmetic_slips must be non-empty and non-zero, got {self.arithmetic_slips}")
         if self.vocab_size < 300:
             raise ValueError(
                 f"DemoConfig.vocab_size must be >= 300 (256 byte-fallback pieces plus specials), "
@@ -170,8 +187,8 @@ def _apply(op: str, left: int, operand: int) -> int:
     raise ValueError(f"unknown operation {op!r}")
 
 
-def _in_range(value: int) -> bool:
-    return 0 <= value < MAX_VALUE
+def _in_range(value: int, config: DemoConfig) -> bool:
+    return 0 <= value < config.max_value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,21 +200,22 @@ def _uniform_int(rng: random.Random, low: int, high: int) -> int:
     return low + int(rng.random() * (high - low + 1))
 
 
-def _sample_problem(rng: random.Random, min_steps: int, max_steps: int) -> Problem:
-    value = _uniform_int(rng, *_START_RANGE)
+def _sample_problem(rng: random.Random, config: DemoConfig) -> Problem:
+    value = _uniform_int(rng, 2, config.max_start)
     start = value
     operations = []
-    for _ in range(_uniform_int(rng, min_steps, max_steps)):
-        feasible = "+" if value + 1 < MAX_VALUE else ""
+    top = config.max_value
+    for _ in range(_uniform_int(rng, config.min_steps, config.max_steps)):
+        feasible = "+" if value + 1 < top else ""
         if value >= 1:
-            feasible += "-*" if value * 2 < MAX_VALUE else "-"
+            feasible += "-*" if value * 2 < top and config.max_multiplier >= 2 else "-"
         op = feasible[int(rng.random() * len(feasible))]
         if op == "+":
-            operand = _uniform_int(rng, 1, min(_MAX_ADD_OPERAND, MAX_VALUE - 1 - value))
+            operand = _uniform_int(rng, 1, min(config.max_add_operand, top - 1 - value))
         elif op == "-":
-            operand = _uniform_int(rng, 1, min(_MAX_ADD_OPERAND, value))
+            operand = _uniform_int(rng, 1, min(config.max_add_operand, value))
         else:
-            operand = _uniform_int(rng, 2, min(_MAX_MULTIPLIER, (MAX_VALUE - 1) // value))
+            operand = _uniform_int(rng, 2, min(config.max_multiplier, (top - 1) // value))
         operations.append((op, operand))
         value = _apply(op, value, operand)
     return Problem(start, tuple(operations))
@@ -238,40 +256,42 @@ def response_text(steps: Sequence[Step]) -> str:
     return "\n".join(lines)
 
 
-def _propagate(problem: Problem, steps: list[Step], from_index: int) -> list[Step] | None:
+def _propagate(problem: Problem, steps: list[Step], from_index: int, config: DemoConfig) -> list[Step] | None:
     """Recompute steps after `from_index` from the (wrong) value there; None if out of range."""
     for index in range(from_index + 1, len(problem.operations)):
         op, operand = problem.operations[index]
         left = steps[index - 1].result
         result = _apply(op, left, operand)
-        if not _in_range(result):
+        if not _in_range(result, config):
             return None
         steps[index] = Step(left, op, operand, result)
     return steps
 
 
-def _inject_error(rng: random.Random, problem: Problem, max_tries: int = 50) -> tuple[list[Step], int] | None:
+def _inject_error(
+    rng: random.Random, problem: Problem, config: DemoConfig, max_tries: int = 50
+) -> tuple[list[Step], int] | None:
     """The solution with one error at a random step, or None if no valid one was found.
 
     Returns (steps, error index). The error always changes the final answer and keeps every
-    value in [0, MAX_VALUE).
+    value in [0, config.max_value).
     """
     correct = list(problem.solution)
     for _ in range(max_tries):
         index = rng.randrange(len(correct))
         step = correct[index]
-        if rng.choice(_ERROR_KINDS) == "arithmetic":
-            wrong = dataclasses.replace(step, result=step.result + rng.choice(_ARITHMETIC_SLIPS))
+        if rng.choice(config.error_kinds) == "arithmetic":
+            wrong = dataclasses.replace(step, result=step.result + rng.choice(config.arithmetic_slips))
         else:
             operand = step.operand + rng.choice(_OPERAND_SLIPS)
             if operand < (2 if step.op == "*" else 1):
                 continue
             wrong = dataclasses.replace(step, operand=operand, result=_apply(step.op, step.left, operand))
-        if not _in_range(wrong.result):
+        if not _in_range(wrong.result, config):
             continue
         steps = list(correct)
         steps[index] = wrong
-        propagated = _propagate(problem, steps, index)
+        propagated = _propagate(problem, steps, index, config)
         if propagated is not None and propagated[-1].result != problem.answer:
             return propagated, index
     return None
@@ -322,7 +342,7 @@ def critique_text(problem: Problem, steps: Sequence[Step]) -> str:
     return "\n".join(lines)
 
 
-def flawed_critique_text(rng: random.Random, problem: Problem, steps: Sequence[Step]) -> str:
+def flawed_critique_text(rng: random.Random, problem: Problem, steps: Sequence[Step], config: DemoConfig) -> str:
     """A critique whose verdict is wrong, with step checks consistent with that verdict.
 
     A wrong response is waved through (every step "is correct", its answer accepted); a right
@@ -335,7 +355,7 @@ def flawed_critique_text(rng: random.Random, problem: Problem, steps: Sequence[S
         lines.append("Conclusion: right")
         return "\n".join(lines)
     # A made-up value for one step, chosen so the final answer it leads to stays in range.
-    candidates = [(index, slip) for index in range(len(steps)) for slip in _ARITHMETIC_SLIPS]
+    candidates = [(index, slip) for index in range(len(steps)) for slip in config.arithmetic_slips]
     rng.shuffle(candidates)
     for index, slip in candidates:
         step = steps[index]
@@ -343,7 +363,7 @@ def flawed_critique_text(rng: random.Random, problem: Problem, steps: Sequence[S
         claimed_final = claimed
         for op, operand in problem.operations[index + 1 :]:
             claimed_final = _apply(op, claimed_final, operand)
-        if _in_range(claimed) and _in_range(claimed_final):
+        if _in_range(claimed, config) and _in_range(claimed_final, config):
             break
     else:  # unreachable for demo problems; say so loudly rather than emit odd values
         raise RuntimeError(f"demo data: no in-range flawed critique for {problem.canonical()!r}")
@@ -386,7 +406,7 @@ def _split_problems(config: DemoConfig, splits: Sequence[str]) -> dict[str, list
     for _ in range(max_draws):
         if missing == 0:
             return problems
-        problem = _sample_problem(rng, config.min_steps, config.max_steps)
+        problem = _sample_problem(rng, config)
         key = problem.canonical()
         split = _split_of(key)
         if split not in problems or len(problems[split]) >= wanted[split] or key in seen:
@@ -415,13 +435,13 @@ def _split_records(config: DemoConfig, split: str, problems: Sequence[Problem]) 
         steps: Sequence[Step] = problem.solution
         is_right = noise_rng.random() >= config.error_fraction
         if not is_right:
-            noisy = _inject_error(noise_rng, problem)
+            noisy = _inject_error(noise_rng, problem, config)
             if noisy is None:  # never seen in 100k problems; fail loudly rather than skew labels
                 raise RuntimeError(f"demo data: could not inject an error into {problem.canonical()!r}")
             steps = noisy[0]  # its final answer differs from the true one, so the label is "wrong"
         is_flawed = index in flawed
         critique = (
-            flawed_critique_text(critique_rng, problem, steps) if is_flawed else critique_text(problem, steps)
+            flawed_critique_text(critique_rng, problem, steps, config) if is_flawed else critique_text(problem, steps)
         )
         records.append({
             "objective": "cft",
@@ -517,6 +537,11 @@ def read_jsonl(path: Path) -> list[dict[str, str]]:
     return records
 
 
+def _config_json(config: DemoConfig) -> dict:
+    """The config as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
 def _cache_key(config: DemoConfig) -> str:
     identity = {"format_version": DATA_FORMAT_VERSION, "config": dataclasses.asdict(config)}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -546,7 +571,7 @@ def prepare_demo_data(data_dir: str | os.PathLike[str], config: DemoConfig) -> D
     files = [data.tokenizer_path, *data.cft_paths.values(), *data.sft_paths.values()]
     if manifest_path.is_file() and all(path.is_file() for path in files):
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if manifest.get("config") == dataclasses.asdict(config):
+        if manifest.get("config") == _config_json(config):
             return data
         raise ValueError(f"{manifest_path} was written for another config (cache key {key} collides)")
     directory.mkdir(parents=True, exist_ok=True)
@@ -560,7 +585,7 @@ def prepare_demo_data(data_dir: str | os.PathLike[str], config: DemoConfig) -> D
     train_sentencepiece(train_text, directory / "tokenizer", config.vocab_size)
     manifest = {
         "format_version": DATA_FORMAT_VERSION,
-        "config": dataclasses.asdict(config),
+        "config": _config_json(config),
         "files": sorted(path.name for path in files),
     }
     _write_atomically(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
