@@ -381,6 +381,11 @@ def make_cft_data(problems: Sequence[Problem], sampler: Sampler, critic: Critic,
   out = Path(out)
   ledger = ledger_path(out)
   done = read_ledger(ledger, {**(settings or {}), "samples": samples, "seed": seed})
+  for p in problems:  # the same path may hold other problems by now
+    entry = done.get(p.index)
+    if entry is not None and (entry["question"], entry["reference"]) != (p.question, p.reference):
+      raise ValueError(f"{ledger}: problem {p.index} ({p.id!r}) differs from the problems file's; "
+                       "remove the ledger or pick another --out to start afresh")
   if done:
     log(f"resuming: {len(done)} problems already in {ledger}")
   with open(ledger, "a") as f:

@@ -6,8 +6,8 @@ stub with planted critiques, so every agreement is known in advance.
 """
 
 import json
-import shutil
 
+import flax.linen as nn
 import jax
 import pytest
 
@@ -48,7 +48,6 @@ def tiny_checkpoint(root):
                       head_dim=8, intermediate_size=64)
   config.data.chat_template = "plain"
   model = Transformer(ModelConfig.from_config(config.model))
-  import flax.linen as nn
   params = draw_params(nn.meta.unbox(jax.eval_shape(params_init_fn(model))))
   checkpoint.save_params(root, params, config)
   return root
@@ -201,6 +200,9 @@ def test_resume_after_an_interruption_writes_no_row_twice(tmp_path):
   rows = read_rows(out)
   assert len(rows) == summary["rows_kept"] == 10
   assert len({(r["problem_id"], r["sample"]) for r in rows}) == 10
+  changed = [Problem(0, "p0", "What is 7 + 1?", "8"), *problems[1:]]
+  with pytest.raises(ValueError, match=r"problem 0 \('p0'\) differs from the problems file"):
+    cft_data.make_cft_data(changed, second.sample, second.critique, out, samples=2, log=lambda _: None)
   with pytest.raises(ValueError, match=r"other settings \(samples: 2 -> 3\)"):
     cft_data.make_cft_data(problems, second.sample, second.critique, out, samples=3, log=lambda _: None)
 
