@@ -165,6 +165,18 @@ def _model_messages(context: Sequence[Turn], default_system: str | None) -> list
   return messages
 
 
+def end_of_turn_ids(template: str, tokenizer) -> tuple[int, ...]:
+  """Ids that end an assistant turn in `template`, beyond the tokenizer's EOS: a model's own
+  template's end marker when it is a single token (e.g. "<|end|>")."""
+  if template == MODEL:
+    marker = jinja_template.end_of_turn_text(model_template_for(tokenizer))
+    ids = tokenizer.encode(marker) if marker else []
+    return tuple(ids) if len(ids) == 1 else ()
+  names = {"qwen": "<|im_end|>", "llama3": "<|eot_id|>", "llama3_1": "<|eot_id|>"}
+  token = tokenizer.token_to_id(names[template]) if template in names else None
+  return (token,) if token is not None else ()
+
+
 def tokenizer_dir(tokenizer) -> Path:
   """Directory of a loaded tokenizer's files (where its chat template lives)."""
   path = getattr(tokenizer, "path", None)

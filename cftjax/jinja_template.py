@@ -222,6 +222,15 @@ def prompt_ids(template: ModelTemplate, tokenizer, context: Sequence[dict]) -> l
   return _encode_with_offsets(tokenizer, text)[0]
 
 
+def end_of_turn_text(template: ModelTemplate) -> str:
+  """What the template writes after a reply's content inside the reply's target ("<|im_end|>",
+  "</s>", ...): generation should stop there. Found by rendering a probe conversation."""
+  probe = "cftjax probe reply"
+  text, (start, end) = template.reply_span([{"role": "user", "content": "hi"}], probe)
+  at = text.find(probe, start, end)
+  return text[at + len(probe):end].strip() if at >= 0 else ""
+
+
 def _encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
   encode = getattr(tokenizer, "encode_with_offsets", None)
   if encode is None:

@@ -57,14 +57,23 @@ LLAMA3 = (  # Llama 3 Instruct
 # Written over several indented lines, as template files are: trim_blocks and lstrip_blocks
 # must drop exactly that layout.
 LLAMA3 = LLAMA3.replace("%}{%", "%}\n  {%")
-TEMPLATES = {"chatml": CHATML_DEFAULT_SYSTEM, "mistral": MISTRAL_INST, "llama3": LLAMA3}
+PHI3 = (  # Phi-3 style: the turn ends with <|end|>, which is not the EOS token
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|assistant|>\n' }}<<G>>{{ message['content'] + '<|end|>' }}<<EG>>"
+    "{{ '\n' }}{% else %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+TEMPLATES = {"chatml": CHATML_DEFAULT_SYSTEM, "mistral": MISTRAL_INST, "llama3": LLAMA3, "phi3": PHI3}
 SPECIALS = {
     "chatml": {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None},
     "mistral": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
     "llama3": {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+    "phi3": {"eos_token": "<|endoftext|>"},
 }
+END_OF_TURN = {"chatml": "<|im_end|>", "mistral": "</s>", "llama3": "<|eot_id|>", "phi3": "<|end|>"}
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
-                  "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+                  "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|user|>", "<|assistant|>",
+                  "<|system|>", "<|end|>"]
 CORPUS = [
     "Question: What is 12 + 30? Solution: 12 + 30 = 42. The answer is 42.",
     "Please critique whether the following solution to the question is correct.",
@@ -154,8 +163,24 @@ def test_own_template_ids_and_mask_equal_apply_chat_template(model_dirs, name, c
     assert chat_templates.prompt_ids(conv.context, "model", ours) == prompt
   # Not vacuous: the mask holds the reply and the end-of-turn token, nothing of the prompt.
   target = ours.decode([i for i, m in zip(ids, mask) if m])
-  end = {"chatml": "<|im_end|>", "mistral": "</s>", "llama3": "<|eot_id|>"}[name]
+  end = END_OF_TURN[name]
   assert target.endswith(end) and conv.reply.strip() in target and "user" not in target
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_generation_stops_at_the_templates_end_of_turn_token(model_dirs, name):
+  ours = load_tokenizer(model_dirs[name][0])
+  assert jinja_template.end_of_turn_text(jinja_template.load(model_dirs[name][0])) == END_OF_TURN[name]
+  assert chat_templates.end_of_turn_ids("model", ours) == (ours.token_to_id(END_OF_TURN[name]),)
+  if name == "phi3":  # neither EOS nor a generation_config id: only the template says so
+    assert ours.token_to_id("<|end|>") not in ours.stop_ids
+  import ml_collections
+
+  from cftjax import evaluate
+
+  config = ml_collections.ConfigDict({"data": {"chat_template": "model"}})
+  sampling = evaluate.sampling_for(evaluate.LoadedModel(None, None, config, ours, None), max_new_tokens=4)
+  assert ours.token_to_id(END_OF_TURN[name]) in sampling.eos_ids
 
 
 def test_training_records_use_the_model_template(model_dirs):
