@@ -89,7 +89,7 @@ def test_model_student_samples_n_rows_per_problem_graded_by_the_grader(loaded, t
   sampler = cft_data.model_sampler(loaded, max_new_tokens=6, temperature=1.0)
   critic = cft_data.model_critic(loaded, max_new_tokens=4)
   summary = cft_data.make_cft_data(problems, sampler, critic, tmp_path / "out.jsonl", samples=4,
-                                   problems_per_batch=2, log=lambda _: None)
+                                   problems_per_batch=3, log=lambda _: None)
   ledger = [json.loads(l) for l in cft_data.ledger_path(tmp_path / "out.jsonl").read_text().splitlines()[1:]]
   assert [e["problem"] for e in ledger] == [0, 1, 2] and all(len(e["rows"]) == 4 for e in ledger)
   for entry in ledger:
@@ -226,6 +226,13 @@ def test_prepare_data_builds_the_output_unchanged(tmp_path):
 
 def _text(value):
   return value.decode() if isinstance(value, bytes) else value
+
+
+def test_bad_selection_names_the_flag():
+  with pytest.raises(ValueError, match=r"--right_ratio=1.5 must be in \[0, 1\]"):
+    Selection(right_ratio=1.5)
+  with pytest.raises(ValueError, match=r"--policy='some'"):
+    Selection("some")
 
 
 def test_teacher_prompt_fields_are_checked():
