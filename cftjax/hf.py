@@ -632,8 +632,7 @@ def import_to_checkpoint(
   Written: the Orbax steps, `tokenizer/` (tokenizer and generation files) and
   `hf_config.json` (the source config.json, reused by export). Returns the saved config,
   whose data.tokenizer points at `out_dir/tokenizer` and data.chat_template at the
-  model's own template
-  (or a named fallback).
+  model's template (its own, else a named one).
   """
   hf_dir, out_dir = Path(hf_dir), Path(out_dir)
   require_empty_dir(out_dir)
