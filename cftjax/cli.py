@@ -1,5 +1,6 @@
 """What the scripts call: one function per command, so scripts stay thin."""
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -65,3 +66,41 @@ def eval_main(flags) -> None:
   evaluate.write_results(out, flags.task, rows, summary)
   print(evaluate.format_summary(flags.task, summary))
   print(f"per-example results and {flags.task}_summary.json in {out}")
+
+
+def make_cft_data_main(flags) -> None:
+  """Loads the student (and the teacher, unless it is the same checkpoint) and runs cft_data."""
+  from cftjax import cft_data, evaluate
+
+  quiet_library_logs()
+  try:
+    selection = cft_data.Selection(flags.policy, flags.flawed_share, flags.right_ratio, flags.dedupe, flags.seed)
+    teacher_prompt = flags.teacher_prompt
+    if teacher_prompt and teacher_prompt.startswith("@"):
+      teacher_prompt = Path(teacher_prompt[1:]).read_text(encoding="utf-8")
+    if teacher_prompt:
+      cft_data.check_teacher_prompt(teacher_prompt)
+    problems = cft_data.load_problems(flags.problems, flags.limit)
+    student = evaluate.load(flags.student)
+    same = Path(flags.teacher).resolve() == Path(flags.student).resolve()
+    teacher = student if same else evaluate.load(flags.teacher)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+  print(f"{len(problems)} problems from {flags.problems}; {flags.samples} samples each; "
+        f"teacher {'= student' if same else flags.teacher}")
+  teacher_max_new = flags.teacher_max_new_tokens or flags.max_new_tokens
+  sampler = cft_data.model_sampler(student, flags.max_new_tokens, flags.temperature, flags.top_p, flags.batch_size)
+  critic = cft_data.model_critic(teacher, teacher_max_new, teacher_prompt or None, flags.teacher_temperature,
+                                 flags.top_p, flags.seed, flags.batch_size)
+  settings = {"problems": str(Path(flags.problems).resolve()), "student": str(Path(flags.student).resolve()),
+              "teacher": str(Path(flags.teacher).resolve()), "max_new_tokens": flags.max_new_tokens,
+              "teacher_max_new_tokens": teacher_max_new, "temperature": flags.temperature, "top_p": flags.top_p,
+              "teacher_temperature": flags.teacher_temperature, "teacher_prompt": teacher_prompt or None}
+  per_batch = max(1, flags.batch_size // flags.samples)
+  try:
+    summary = cft_data.make_cft_data(problems, sampler, critic, flags.out, flags.samples, selection, settings,
+                                     flags.seed, per_batch)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  print(json.dumps(summary, indent=2))
+  print(f"wrote {summary['rows_kept']} rows to {flags.out}; summary in {cft_data.summary_path(flags.out)}")

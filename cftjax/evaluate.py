@@ -96,6 +96,8 @@ def sampling_for(loaded: LoadedModel, max_new_tokens: int, temperature: float = 
     token = loaded.tokenizer.token_to_id(special)
     if token is not None and token not in stop_ids:
       stop_ids += (token,)
+  template = loaded.config.data.get("chat_template", "plain")
+  stop_ids += tuple(t for t in chat_templates.end_of_turn_ids(template, loaded.tokenizer) if t not in stop_ids)
   return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                         eos_ids=stop_ids, pad_id=loaded.tokenizer.pad_id)
 

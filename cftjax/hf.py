@@ -36,7 +36,7 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
-from cftjax import checkpoint, sharding
+from cftjax import chat_templates, checkpoint, sharding
 from cftjax.model import ModelConfig, Transformer, params_init_fn
 
 log = logging.getLogger(__name__)
@@ -606,20 +606,6 @@ def import_params(hf_dir: str | os.PathLike, model_config: ModelConfig | Any, me
   return jax.tree_util.tree_unflatten(treedef, params)
 
 
-def default_chat_template(family: str, tokenizer_dir: Path) -> str:
-  """The chat template an imported model most likely uses (data.chat_template)."""
-  if family == "qwen2":
-    return "qwen"
-  tokenizer_json = tokenizer_dir / "tokenizer.json"
-  if not (tokenizer_json.is_file() and "<|start_header_id|>" in tokenizer_json.read_text(encoding="utf-8")):
-    return "plain"
-  # The chat template sits in tokenizer_config.json (older exports) or chat_template.jinja.
-  templates = [tokenizer_dir / "tokenizer_config.json", tokenizer_dir / "chat_template.jinja"]
-  if any(path.is_file() and "Cutting Knowledge Date" in path.read_text(encoding="utf-8") for path in templates):
-    return "llama3_1"
-  return "llama3"
-
-
 def require_empty_dir(out_dir: Path) -> None:
   """Conversions never mix their output with older files (stale shards, other steps)."""
   if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -646,7 +632,7 @@ def import_to_checkpoint(
   Written: the Orbax steps, `tokenizer/` (tokenizer and generation files) and
   `hf_config.json` (the source config.json, reused by export). Returns the saved config,
   whose data.tokenizer points at `out_dir/tokenizer` and data.chat_template at the
-  family's template.
+  model's template (its own, else a named one).
   """
   hf_dir, out_dir = Path(hf_dir), Path(out_dir)
   require_empty_dir(out_dir)
@@ -655,7 +641,7 @@ def import_to_checkpoint(
   model_config = ModelConfig.from_config(config.model)
   tokenizer_dir = out_dir / TOKENIZER_SUBDIR
   config.data.tokenizer = str(tokenizer_dir.absolute())
-  config.data.chat_template = default_chat_template(model_config_family(config), hf_dir)
+  config.data.chat_template = chat_templates.template_for_import(model_config_family(config), hf_dir)
   params = import_params(hf_dir, model_config, mesh)
   checkpoint.save_params(out_dir, params, config)
   if jax.process_index() == 0:

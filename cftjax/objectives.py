@@ -16,9 +16,14 @@ OBJECTIVES = ("sft", "cft")  # index = objective id carried per token
 CFT_INSTRUCTION = "Please critique whether the following solution to the question is correct."
 
 
+def cft_input_text(query: str, response: str) -> str:
+  """The "input" field of a WebInstruct-CFT row."""
+  return f"Question:\n{query}\n\nSolution:\n{response}"
+
+
 def cft_user_text(query: str, response: str) -> str:
   """The paper's user turn: instruction + "\n" + input."""
-  return f"{CFT_INSTRUCTION}\nQuestion:\n{query}\n\nSolution:\n{response}"
+  return f"{CFT_INSTRUCTION}\n{cft_input_text(query, response)}"
 
 
 def cft_target_text(critique: str) -> str:

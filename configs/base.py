@@ -57,8 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Tokenizer: "" = the one prepared with the data (demo); else a SentencePiece .model,
   # a tokenizer.json, or a model directory holding one.
   data.tokenizer = ""
-  # plain | qwen | llama3 (Llama 3 Instruct) | llama3_1 (Llama 3.1/3.3 Instruct: dated
-  # system block).
+  # model (the tokenizer's own Jinja chat template, rendered as transformers does; HF import
+  # picks it when the model has one) | plain | qwen | llama3 (Llama 3 Instruct) | llama3_1
+  # (Llama 3.1/3.3 Instruct: dated system block).
   data.chat_template = "plain"
   data.max_length = 2048  # Tokens per packed row (and the truncation limit).
   # What to do with an example longer than max_length: drop | truncate_prompt_left |

@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
   logging.getLogger("cftjax.hf").setLevel(logging.INFO)  # per-tensor progress
   import ml_collections
 
-  from cftjax import hf, sharding
+  from cftjax import chat_templates, hf, sharding
   from configs import base
 
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1}))
@@ -67,7 +67,8 @@ def main(argv: list[str]) -> int:
       config.data.max_length = _MAX_LENGTH.value
       saved = hf.import_to_checkpoint(_HF_DIR.value, _OUT.value, mesh, config)
       print(f"imported {saved.model.family} ({saved.model.num_layers} layers) into {_OUT.value}; "
-            f"tokenizer in {saved.data.tokenizer}, chat template {saved.data.chat_template!r}")
+            f"tokenizer in {saved.data.tokenizer}; "
+            f"{chat_templates.describe(saved.data.chat_template, saved.data.tokenizer)}")
     else:
       if not _CHECKPOINT.value:
         raise app.UsageError("export needs --checkpoint")

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from cftjax import checkpoint, hf, sharding  # noqa: E402
+from cftjax import chat_templates, checkpoint, hf, sharding  # noqa: E402
 from cftjax.model import ModelConfig, Transformer  # noqa: E402
 
 VOCAB, LENGTH = 96, 24
@@ -231,12 +231,14 @@ def test_config_reads_transformers4_keys_and_defaults(tmp_path):
     ('{"added_tokens": [{"content": "<|start_header_id|>"}]}', "tokenizer_config.json", "llama3_1"),
     ('{"added_tokens": [{"content": "<|start_header_id|>"}]}', "chat_template.jinja", "llama3_1"),
 ])
-def test_default_chat_template_tells_llama3_from_llama3_1(tokenizer_json, template_file, expected, tmp_path):
+def test_named_fallback_tells_llama3_from_llama3_1(tokenizer_json, template_file, expected, tmp_path):
   (tmp_path / "tokenizer.json").write_text(tokenizer_json)
   if template_file:
     (tmp_path / template_file).write_text(json.dumps({"chat_template": "Cutting Knowledge Date: December 2023"}))
-  assert hf.default_chat_template("llama", tmp_path) == expected
-  assert hf.default_chat_template("qwen2", tmp_path) == "qwen"
+  assert chat_templates.named_template_for("llama", tmp_path) == expected
+  assert chat_templates.named_template_for("qwen2", tmp_path) == "qwen"
+  # A model with a template of its own is imported with it.
+  assert chat_templates.template_for_import("llama", tmp_path) == ("model" if template_file else expected)
 
 
 def test_mistral_sliding_window_matches_transformers(tmp_path):
