@@ -58,11 +58,14 @@ def load(checkpoint_dir: str | Path, step: int | None = None, mesh_config=None,
   from cftjax.data import tokenizer as tokenizer_lib
 
   checkpoint_dir = Path(checkpoint_dir)
-  config = checkpoint.load_config(checkpoint_dir, step)
   mesh = sharding.make_mesh(mesh_config or ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}), devices)
+
+  def target_for(config):
+    model = Transformer(ModelConfig.from_config(config.model))
+    return sharding.with_shardings(*sharding.abstract_params_and_shardings(params_init_fn(model), mesh))
+
+  config, params = checkpoint.load_checkpoint(checkpoint_dir, target_for, step)
   model = Transformer(ModelConfig.from_config(config.model))
-  target = sharding.with_shardings(*sharding.abstract_params_and_shardings(params_init_fn(model), mesh))
-  params = checkpoint.load_params(checkpoint_dir, target, step)
   tokenizer = tokenizer_lib.load_tokenizer(find_tokenizer(config, checkpoint_dir))
   return LoadedModel(model, params, config, tokenizer, mesh)
 

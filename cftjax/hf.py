@@ -858,14 +858,15 @@ def export_checkpoint(
   """
   checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
   require_empty_dir(out_dir)
-  config = checkpoint.load_config(checkpoint_dir, step)
-  family = model_config_family(config)
-  model_config = ModelConfig.from_config(config.model)
   if mesh is None:
     mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1}))
-  abstract, shardings = model_abstract_params(model_config, mesh)
-  target = sharding.with_shardings(abstract, shardings)
-  params = checkpoint.load_params(checkpoint_dir, target, step)
+
+  def target_for(config):
+    return sharding.with_shardings(*model_abstract_params(ModelConfig.from_config(config.model), mesh))
+
+  config, params = checkpoint.load_checkpoint(checkpoint_dir, target_for, step)
+  family = model_config_family(config)
+  model_config = ModelConfig.from_config(config.model)
   base = _find_source_config(checkpoint_dir, config)
   if dtype is None:
     dtype = (base or {}).get("torch_dtype") or (base or {}).get("dtype") or model_config.param_dtype
