@@ -29,7 +29,7 @@ Supported row formats (`FORMATS`):
                    joined to "instruction" with "\n" (as the CFT prompt does).
 Optional string fields are copied when present: "answer" (webinstruct_cft, triples,
 sft), "system" (triples, sft), "label" (triples; else it comes from the critique's
-last "Conclusion:"). Other keys (ids, scores, ...) are not part of the schema and are
+verdict, read as evaluation reads it: grading.parse_verdict). Other keys (ids, scores, ...) are not part of the schema and are
 ignored.
 """
 
@@ -42,6 +42,8 @@ import json
 import os
 import re
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+
+from cftjax import grading
 
 Record = dict[str, str]
 
@@ -279,19 +281,12 @@ def _first_present(row: Mapping[str, Any], keys: Sequence[str]) -> str | None:
 _QUESTION_SOLUTION = re.compile(r"^\s*Question:[ \t]*\n(?P<query>.*?)\n\s*Solution:[ \t]*\n(?P<response>.*)$",
                                 re.DOTALL)
 _CRITIQUE_PREFIX = re.compile(r"^\s*Critique:[ \t]*\n?")
-_CONCLUSION_VERDICT = re.compile(r"conclusion:\s*\**\s*(right|wrong)\b")
 
 
 def critique_label(critique: str) -> str:
-    """"right"/"wrong" from the critique's last "Conclusion:" (any case), else "".
-
-    Only the last "Conclusion:" counts (that is the verdict in the CFT format); rfind
-    instead of a full-text regex scan keeps this cheap on long critiques.
-    """
-    lowered = critique.lower()
-    start = lowered.rfind("conclusion:")
-    match = _CONCLUSION_VERDICT.match(lowered, start) if start >= 0 else None
-    return match.group(1) if match else ""
+    """The critique's verdict as a record label: "right"/"wrong" by the rules evaluation
+    grades with (grading.parse_verdict), else ""."""
+    return grading.parse_verdict(critique) or ""
 
 
 def split_question_solution(text: str) -> tuple[str, str] | None:

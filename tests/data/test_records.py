@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from cftjax import grading
 from cftjax.data import records
 from cftjax.data.records import InvalidRow, SkipReport
 
@@ -63,6 +64,14 @@ def test_label_comes_from_the_last_conclusion_and_is_empty_without_one():
     assert records.critique_label("Conclusion: right ... later\nConclusion: Wrong") == "wrong"
     assert records.critique_label("Conclusion: **right**") == "right"
     assert records.critique_label("Looks fine to me.") == ""
+
+
+def test_label_follows_the_evaluation_verdict_rules():
+    """Prepared data and evaluation read a verdict the same way."""
+    for critique in ("Conclusion: incorrect", "Conclusion: Correct", "so \\boxed{wrong}", "Conclusion: unsure",
+                     "Conclusion: right\nConclusion: wrong", "Conclusion: `right`"):
+        assert records.critique_label(critique) == (grading.parse_verdict(critique) or ""), critique
+    assert records.critique_label("Conclusion: incorrect") == "wrong"
 
 
 def test_triples_is_cft_and_takes_optional_label_system_answer(tmp_path):
