@@ -60,6 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
   # plain | qwen | llama3 (Llama 3 Instruct) | llama3_1 (Llama 3.1/3.3 Instruct: dated
   # system block).
   data.chat_template = "plain"
+  # System turn for every training and evaluation prompt; "" = the template's default (qwen
+  # has one, the others none).
+  data.system_prompt = ""
   data.max_length = 2048  # Tokens per packed row (and the truncation limit).
   # What to do with an example longer than max_length: drop | truncate_prompt_left |
   # truncate_target. Every drop or cut is counted in the metrics.
