@@ -37,6 +37,7 @@ import ml_dtypes
 import numpy as np
 
 from cftjax import checkpoint, sharding
+from cftjax.data.records import read_json_object
 from cftjax.model import ModelConfig, Transformer, params_init_fn
 
 log = logging.getLogger(__name__)
@@ -96,17 +97,7 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
         f"{path} not found: expected a Hugging Face model directory with config.json and "
         f"{SINGLE_FILE} (or {INDEX_FILE})"
     )
-  return _read_json(path)
-
-
-def _read_json(path: Path) -> dict:
-  try:
-    content = json.loads(path.read_text(encoding="utf-8"))
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
-  if not isinstance(content, dict):
-    raise ValueError(f"{path}: expected a JSON object, got {type(content).__name__}")
-  return content
+  return read_json_object(path)
 
 
 def hf_family(hf_config: dict, where: str = "config.json") -> str:
@@ -286,7 +277,7 @@ def index_hf_tensors(hf_dir: str | os.PathLike) -> dict[str, TensorInfo]:
   hf_dir = Path(hf_dir)
   index_path = hf_dir / INDEX_FILE
   if index_path.is_file():
-    weight_map = _read_json(index_path).get("weight_map")
+    weight_map = read_json_object(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
       raise ValueError(f"{index_path}: missing or empty 'weight_map'")
     headers: dict[str, dict[str, TensorInfo]] = {}
@@ -396,15 +387,11 @@ class ParamSource:
   stacked: bool  # leading layer axis (nn.scan)
 
 
-def _path_names(path) -> tuple[str, ...]:
-  return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
 def param_sources(abstract_params: Any, num_layers: int) -> list[ParamSource]:
   """One ParamSource per leaf, in tree_leaves order."""
   sources = []
   for path, _ in jax.tree_util.tree_leaves_with_path(abstract_params):
-    names = _path_names(path)
+    names = sharding.path_names(path)
     if names in _GLOBAL_TENSORS:
       template, kind = _GLOBAL_TENSORS[names]
       sources.append(ParamSource(names, (template,), kind, False))
@@ -766,13 +753,6 @@ def _plan_shards(entries: list[_HFTensor], itemsize: int, max_shard_bytes: int) 
   return shards
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-  if x.is_fully_addressable:
-    return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils  # collective: every process calls it
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def save_hf_weights(params: Any, model_config: ModelConfig, out_dir: str | os.PathLike, dtype: str = "bfloat16",
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
   """Writes `params` as HF safetensors (sharded above `max_shard_bytes`, with the index).
@@ -799,7 +779,7 @@ def save_hf_weights(params: Any, model_config: ModelConfig, out_dir: str | os.Pa
     def produce(name: str) -> np.ndarray:
       e = by_name[name]
       x = leaves[e.leaf] if e.layer is None else leaves[e.leaf][e.layer]
-      return to_hf_layout(e.kind, _to_host(x).astype(np_dtype, copy=False))
+      return to_hf_layout(e.kind, sharding.to_host(x).astype(np_dtype, copy=False))
 
     if writer:
       write_safetensors(out_dir / file_name, [(e.name, e.shape, np_dtype) for e in shard], produce)
@@ -833,7 +813,7 @@ def _find_source_config(checkpoint_dir: Path, config) -> dict | None:
   for directory in _source_dirs(checkpoint_dir, config):
     for name in (SOURCE_CONFIG_NAME, "config.json"):
       if (directory / name).is_file():
-        candidate = _read_json(directory / name)
+        candidate = read_json_object(directory / name)
         if candidate.get("model_type") in FAMILY_TO_HF:  # not some other config.json
           return candidate
   return None

@@ -235,10 +235,12 @@ def test_skip_report_merge_adds_counts_and_caps_examples():
     assert len(merged.examples[records.EMPTY_FIELD]) == records.MAX_EXAMPLES_PER_REASON
 
 
-def test_json_file_rows_are_referenced_by_list_index(tmp_path):
+def test_json_file_rows_are_referenced_by_the_line_they_start_on(tmp_path):
+    """As in .jsonl files and eval files: file:line, 1-based."""
     path = tmp_path / "data.json"
-    path.write_text(json.dumps([GOOD_TRIPLE, GOOD_TRIPLE, GOOD_TRIPLE, {"query": "q"}]))
-    with pytest.raises(InvalidRow, match=r"data.json:row 3: missing field 'response'"):
+    path.write_text("[\n" + ",\n".join(json.dumps(r) for r in [GOOD_TRIPLE] * 3) + ",\n" +
+                    json.dumps({"query": "q"}, indent=1) + "\n]")
+    with pytest.raises(InvalidRow, match=r"data.json:5: missing field 'response'"):
         read_all([str(path)], "triples")
 
 
