@@ -34,27 +34,11 @@ class LoadedModel:
   mesh: jax.sharding.Mesh
 
 
-def find_tokenizer(config: ml_collections.ConfigDict, checkpoint_dir: Path) -> str:
-  """The run's tokenizer: data.tokenizer, else the checkpoint's own, else the demo's."""
-  from cftjax.data import sources
-
-  if config.data.get("tokenizer"):
-    return config.data.tokenizer
-  for candidate in (checkpoint_dir / "tokenizer", checkpoint_dir.parent / "tokenizer"):
-    if candidate.is_dir():
-      return str(candidate)
-  if config.data.get("source") == "demo":
-    return str(sources.prepare(config.data).tokenizer_path)
-  raise FileNotFoundError(
-      f"no tokenizer for {checkpoint_dir}: its config has no data.tokenizer and there is no "
-      f"{checkpoint_dir / 'tokenizer'} directory"
-  )
-
-
 def load(checkpoint_dir: str | Path, step: int | None = None, mesh_config=None,
          devices: Sequence[jax.Device] | None = None) -> LoadedModel:
   """Restores params onto a mesh over `devices` (default: all present), whatever mesh
   trained them; `mesh_config` defaults to pure data parallelism."""
+  from cftjax.data import sources
   from cftjax.data import tokenizer as tokenizer_lib
 
   checkpoint_dir = Path(checkpoint_dir)
@@ -66,7 +50,7 @@ def load(checkpoint_dir: str | Path, step: int | None = None, mesh_config=None,
 
   config, params = checkpoint.load_checkpoint(checkpoint_dir, target_for, step)
   model = Transformer(ModelConfig.from_config(config.model))
-  tokenizer = tokenizer_lib.load_tokenizer(find_tokenizer(config, checkpoint_dir))
+  tokenizer = tokenizer_lib.load_tokenizer(sources.tokenizer_path(config.data, checkpoint_dir=checkpoint_dir))
   return LoadedModel(model, params, config, tokenizer, mesh)
 
 
