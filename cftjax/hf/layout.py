@@ -96,7 +96,7 @@ def _o_from_hf(x, ranges, shape):
   return transpose_2d(x).reshape(n1 - n0, shape[1], d1 - d0)[:, h0:h1, :]
 
 
-# Shapes: D hidden, N heads, Dh head dim, V vocab, A/B the two sides of a matrix.
+# Shape letters as in model.py's legend (D width, N heads, H head dim, V vocab); A, B: a matrix's sides.
 LAYOUT_KINDS = {
     # identical layout ([V,D] embedding, [D] norm scales)
     "same": LayoutKind(
@@ -112,21 +112,21 @@ LAYOUT_KINDS = {
         hf_ranges=lambda ranges, shape: (ranges[1], ranges[0]),
         from_hf=lambda x, ranges, shape: transpose_2d(x),
     ),
-    # ours [D,N,Dh] = hf[N*Dh,D].T reshaped (q/k/v kernels)
+    # ours [D,N,H] = hf[N*H,D].T reshaped (q/k/v kernels)
     "qkv": LayoutKind(
         hf_shape=lambda shape: (shape[1] * shape[2], shape[0]),
         to_hf=lambda x: transpose_2d(x.reshape(x.shape[0], -1)),
         hf_ranges=lambda ranges, shape: ((ranges[1][0] * shape[2], ranges[1][1] * shape[2]), ranges[0]),
         from_hf=_qkv_from_hf,
     ),
-    # ours [N,Dh] = hf[N*Dh] reshaped
+    # ours [N,H] = hf[N*H] reshaped
     "qkv_bias": LayoutKind(
         hf_shape=lambda shape: (shape[0] * shape[1],),
         to_hf=lambda x: x.reshape(-1),
         hf_ranges=lambda ranges, shape: ((ranges[0][0] * shape[1], ranges[0][1] * shape[1]), None),
         from_hf=_qkv_bias_from_hf,
     ),
-    # ours [N,Dh,D] = hf[D,N*Dh].T reshaped (output projection)
+    # ours [N,H,D] = hf[D,N*H].T reshaped (output projection)
     "o": LayoutKind(
         hf_shape=lambda shape: (shape[2], shape[0] * shape[1]),
         to_hf=lambda x: transpose_2d(x.reshape(-1, x.shape[2])),
