@@ -28,9 +28,9 @@ Supported row formats (`FORMATS`):
                    the first key present in that order; a non-empty Alpaca "input" is
                    joined to "instruction" with "\n" (as the CFT prompt does).
 Optional string fields are copied when present: "answer" (webinstruct_cft, triples,
-sft), "system" (triples, sft), "label" (triples; else it comes from the critique's
-verdict, read as evaluation reads it: grading.parse_verdict). Other keys (ids, scores, ...) are not part of the schema and are
-ignored.
+sft), "system" (triples, sft), "label" (triples; else the critique's verdict, read as
+evaluation reads it: grading.parse_verdict). Other keys (ids, scores, ...) are not part
+of the schema and are ignored.
 """
 
 from __future__ import annotations

@@ -69,10 +69,11 @@ def prepare(data_config: Any):
   raise ValueError(f"config key data.source={data_config.source!r} is not 'demo' or 'tfds'")
 
 
-def tokenizer_path(data_config: Any, prepared=None, checkpoint_dir: str | Path | None = None) -> str:
-  """The one place a run's tokenizer is found (training, evaluation): data.tokenizer; else,
-  for a checkpoint, its own tokenizer/ directory (or its workdir's); else the demo's, built
-  if `prepared` is not given. Load it with tokenizer.load_tokenizer."""
+def tokenizer_path(data_config: Any, prepared=None, checkpoint_dir: str | Path | None = None,
+                   build_demo: bool = True) -> str:
+  """The one place a run's tokenizer is found (training, evaluation, export): data.tokenizer;
+  else, for a checkpoint, its own tokenizer/ directory (or its workdir's); else the demo's,
+  built if `prepared` is not given and `build_demo`. Load it with tokenizer.load_tokenizer."""
   if data_config.get("tokenizer"):
     return data_config.tokenizer
   if checkpoint_dir is not None:
@@ -80,7 +81,7 @@ def tokenizer_path(data_config: Any, prepared=None, checkpoint_dir: str | Path |
     for candidate in (checkpoint_dir / "tokenizer", checkpoint_dir.parent / "tokenizer"):
       if candidate.is_dir():
         return str(candidate)
-  if data_config.get("source") == "demo":
+  if data_config.get("source") == "demo" and (prepared or build_demo):
     return str((prepared or prepare(data_config)).tokenizer_path)
   if checkpoint_dir is not None:
     raise FileNotFoundError(

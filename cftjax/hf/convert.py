@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from cftjax import checkpoint, sharding
+from cftjax.data import sources
 from cftjax.data.records import read_json_object
 from cftjax.hf.config import FAMILY_TO_HF, check_model_config, hf_config_dict, hf_model_config, model_config_family
 from cftjax.hf.layout import IGNORED_SUFFIXES, ParamSource, hf_shape, param_sources, read_block, to_hf_layout
@@ -305,7 +306,18 @@ def _find_source_config(checkpoint_dir: Path, config) -> dict | None:
 
 
 def _find_tokenizer_dir(checkpoint_dir: Path, config) -> Path | None:
-  for directory in _source_dirs(checkpoint_dir, config):
+  """The tokenizer files to export: the run's own (found as training and evaluation find
+  them), else those of the model it was initialised from."""
+  candidates = []
+  try:
+    found = Path(sources.tokenizer_path(config.data, checkpoint_dir=checkpoint_dir, build_demo=False))
+    candidates.append(found if found.is_dir() else found.parent)
+  except (ValueError, FileNotFoundError):
+    pass
+  init_from = config.model.get("init_from", "")
+  if init_from:
+    candidates += [Path(init_from) / TOKENIZER_SUBDIR, Path(init_from)]
+  for directory in candidates:
     if (directory / "tokenizer.json").is_file() or (directory / "tokenizer.model").is_file():
       return directory
   return None
