@@ -1,16 +1,143 @@
-"""What the scripts call: one function per command, so scripts stay thin."""
+"""What the scripts call: one function per command, so scripts stay thin, and `run`, which
+turns a user's mistake into one `error: ...` line (exit 2) and leaves bugs their traceback.
 
+A user error is a bad flag or config key or value, a missing file or directory, unreadable
+data or checkpoints, or a ValueError that cftjax itself raised about its input. Anything
+else is a bug and propagates. `--verbose` shows the traceback of user errors too.
+"""
+
+import contextlib
 import json
 import os
+import re
 import sys
+import traceback
 from pathlib import Path
+from typing import Callable
 
-import jax
+from absl import app, flags
+
+USER_ERROR_EXIT = 2
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # cftjax/, configs/, scripts/
+_OWN_CODE = tuple(str(PACKAGE_ROOT / d) + os.sep for d in ("cftjax", "configs", "scripts"))
+
+flags.DEFINE_bool("verbose", False, "Show the full traceback of user errors (bad flags, config keys, files).")
+
+
+class UserError(Exception):
+  """A mistake in what the user passed; the message says what and where."""
+
+
+def run(main: Callable[[list[str]], int | None]) -> None:
+  """absl's app.run, with flag and config errors and user errors as one line, exit 2."""
+  with reporting_user_errors():
+    app.run(main, flags_parser=_parse_flags)
+
+
+def guard(main: Callable[[], int | None]) -> None:
+  """`run` for scripts that parse their own arguments (argparse)."""
+  with reporting_user_errors():
+    sys.exit(main())
+
+
+def define_config_file(name: str, default: str, help_text: str):
+  """config_flags.DEFINE_config_file, which already applies `--config.a.b=v` overrides (and
+  fails on a mistyped key) when it is defined, at import time."""
+  from ml_collections import config_flags
+
+  with reporting_user_errors():
+    try:
+      return config_flags.DEFINE_config_file(name, default, help_text)
+    except (AttributeError, KeyError) as e:
+      raise UserError(unknown_config_key_message(str(e), sys.argv)) from e
+
+
+@contextlib.contextmanager
+def reporting_user_errors():
+  """A user error inside becomes `error: <message>` on stderr and exit 2; bugs propagate."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    message = user_error_message(e)
+    if message is None:
+      raise
+    if _verbose(sys.argv):
+      traceback.print_exc()
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT)
+
+
+def _verbose(argv: list[str]) -> bool:
+  """Read from argv: the error may come before (or from) flag parsing."""
+  return any(a in ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1") for a in argv)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    raise UserError(_flag_error_message(str(e))) from e
+  except (AttributeError, KeyError) as e:  # ml_collections: a --config.a.b override naming no key
+    raise UserError(unknown_config_key_message(str(e), argv)) from e
+
+
+def _flag_error_message(text: str) -> str:
+  """absl's "flag --config.a.b=v: reason" -> "config key a.b=v: reason"."""
+  text = text.strip().splitlines()[0]
+  match = re.match(r"flag --config\.([\w.]+)=(.*?): (.*)", text)
+  if match:
+    key, value, reason = match.groups()
+    return f"bad value for config key {key}={value}: {reason}"
+  return text
+
+
+def unknown_config_key_message(text: str, argv: list[str]) -> str:
+  """ml_collections says "'num_step'\nDid you mean "num_steps" instead of "num_step"?" about
+  one path component; name the whole key the user typed and the key they probably meant."""
+  names = re.findall(r"'(\w+)'", text.replace("\\'", "'"))
+  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  bad = names[0] if names else ""
+  key = next((k for k in overrides if bad in k.split(".")), None)
+  if key is None:
+    return f"unknown config key {bad or text.strip()}"
+  suggestion = re.search(r'Did you mean "(\w+)"', text)
+  message = f"unknown config key {key} (--config.{key})"
+  if suggestion:
+    parts = key.split(".")
+    parts[parts.index(bad)] = suggestion.group(1)
+    message += f"; did you mean {'.'.join(parts)}?"
+  return message
+
+
+def user_error_message(error: BaseException) -> str | None:
+  """The one line to print for a user error, None for a bug."""
+  from cftjax import checkpoint
+
+  if isinstance(error, UserError):
+    return str(error)
+  if isinstance(error, (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)):
+    if error.filename and error.strerror:
+      return f"{error.filename}: {error.strerror}"
+    return str(error)
+  if isinstance(error, checkpoint.CheckpointError):
+    return str(error)
+  if isinstance(error, ValueError) and _raised_by_own_code(error):
+    return str(error)
+  return None
+
+
+def _raised_by_own_code(error: BaseException) -> bool:
+  """A ValueError raised in cftjax/configs/scripts validates input; one from inside a library
+  (jax, numpy) is more likely a bug."""
+  frames = traceback.extract_tb(error.__traceback__)
+  return bool(frames) and frames[-1].filename.startswith(_OWN_CODE)
 
 
 def maybe_initialize_distributed() -> None:
   """Joins a multi-host run when the environment describes one (TPU pod slice, or
   JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID set by a launcher)."""
+  import jax
+
   tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     jax.distributed.initialize(
@@ -29,6 +156,9 @@ def default_workdir(config_filename: str) -> Path:
 def train_main(config, workdir: str | None, config_filename: str) -> None:
   from cftjax import train
 
+  config_file = Path(config_filename.split(":")[0])
+  if not config_file.is_file():  # config_flags only says so when the config is first used
+    raise UserError(f"config file {config_file} does not exist (--config={config_filename})")
   quiet_library_logs()
   maybe_initialize_distributed()
   workdir = Path(workdir) if workdir else default_workdir(config_filename)
@@ -52,7 +182,7 @@ def eval_main(flags) -> None:
 
   quiet_library_logs()
   if flags.task in ("math", "critique") and not flags.data:
-    sys.exit(f"error: --task={flags.task} needs --data=FILE.jsonl")
+    raise UserError(f"--task={flags.task} needs --data=FILE.jsonl")
   loaded = evaluate.load(flags.checkpoint, flags.step)
   max_new = flags.max_new_tokens or (384 if flags.task == "demo" else 2048)
   sampling = evaluate.sampling_for(loaded, max_new, flags.temperature, flags.top_p, flags.seed)

@@ -14,10 +14,10 @@ Any bad row raises ValueError("<file>:<line>: <reason>"); nothing is skipped sil
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+from cftjax.data import records
 from cftjax.grading import extract_boxed, parse_gsm8k_reference
 
 EvalTask = Literal["math", "critique"]
@@ -132,9 +132,7 @@ def _row_id(row: dict[str, Any], default: str) -> str:
     return default
 
 
-def _example_from_row(row: Any, task: str, line: int, default_id: str) -> EvalExample:
-    if not isinstance(row, dict):
-        raise _RowError(f"expected a JSON object, got {type(row).__name__}")
+def _example_from_row(row: dict, task: str, line: int, default_id: str) -> EvalExample:
     example_id = _row_id(row, default_id)
     if task == "math":
         return EvalExample(
@@ -153,51 +151,6 @@ def _example_from_row(row: Any, task: str, line: int, default_id: str) -> EvalEx
     )
 
 
-def _jsonl_rows(text: str, path: Path) -> Iterator[tuple[int, Any]]:
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue  # blank lines separate nothing and hold no row
-        try:
-            yield line_number, json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{line_number}: malformed JSON: {error.msg}") from None
-
-
-def _json_list_rows(text: str, path: Path) -> Iterator[tuple[int, Any]]:
-    """Items of a top-level JSON list, each with the line where it starts."""
-    decoder = json.JSONDecoder()
-
-    def skip_space(index: int) -> int:
-        while index < len(text) and text[index] in " \t\r\n":
-            index += 1
-        return index
-
-    def fail(index: int, reason: str) -> ValueError:
-        line = text.count("\n", 0, index) + 1
-        return ValueError(f"{path}:{line}: {reason}")
-
-    index = skip_space(0)
-    if not text.startswith("[", index):
-        raise fail(index, "a .json eval file must hold a JSON list of objects")
-    index = skip_space(index + 1)
-    if text.startswith("]", index):
-        return
-    while True:
-        try:
-            item, end = decoder.raw_decode(text, index)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{error.lineno}: malformed JSON: {error.msg}") from None
-        yield text.count("\n", 0, index) + 1, item
-        index = skip_space(end)
-        if text.startswith("]", index):
-            break
-        if not text.startswith(",", index):
-            raise fail(index, "malformed JSON: expected ',' or ']' after a list item")
-        index = skip_space(index + 1)
-    if skip_space(index + 1) != len(text):
-        raise fail(index + 1, "malformed JSON: extra data after the list")
-
-
 def load_eval_file(path: str | Path, task: str) -> list[EvalExample]:
     """Examples of an evaluation file for task "math" or "critique".
 
@@ -208,11 +161,13 @@ def load_eval_file(path: str | Path, task: str) -> list[EvalExample]:
     if task not in EVAL_TASKS:
         raise ValueError(f"unknown eval task {task!r}; expected one of {EVAL_TASKS}")
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    rows = _json_list_rows(text, path) if path.suffix == ".json" else _jsonl_rows(text, path)
+    rows = records.iter_json_list_rows(path) if path.suffix == ".json" else records.iter_jsonl_rows(path)
     examples: list[EvalExample] = []
     first_line_of_id: dict[str, int] = {}
-    for line, row in rows:
+    for ref, row in rows:
+        if isinstance(row, records.InvalidRow):
+            raise row
+        line = ref.line
         try:
             example = _example_from_row(row, task, line, default_id=f"{path.stem}-{line}")
         except _RowError as error:

@@ -34,36 +34,23 @@ class LoadedModel:
   mesh: jax.sharding.Mesh
 
 
-def find_tokenizer(config: ml_collections.ConfigDict, checkpoint_dir: Path) -> str:
-  """The run's tokenizer: data.tokenizer, else the checkpoint's own, else the demo's."""
-  from cftjax.data import sources
-
-  if config.data.get("tokenizer"):
-    return config.data.tokenizer
-  for candidate in (checkpoint_dir / "tokenizer", checkpoint_dir.parent / "tokenizer"):
-    if candidate.is_dir():
-      return str(candidate)
-  if config.data.get("source") == "demo":
-    return str(sources.prepare(config.data).tokenizer_path)
-  raise FileNotFoundError(
-      f"no tokenizer for {checkpoint_dir}: its config has no data.tokenizer and there is no "
-      f"{checkpoint_dir / 'tokenizer'} directory"
-  )
-
-
 def load(checkpoint_dir: str | Path, step: int | None = None, mesh_config=None,
          devices: Sequence[jax.Device] | None = None) -> LoadedModel:
   """Restores params onto a mesh over `devices` (default: all present), whatever mesh
   trained them; `mesh_config` defaults to pure data parallelism."""
+  from cftjax.data import sources
   from cftjax.data import tokenizer as tokenizer_lib
 
   checkpoint_dir = Path(checkpoint_dir)
-  config = checkpoint.load_config(checkpoint_dir, step)
   mesh = sharding.make_mesh(mesh_config or ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}), devices)
+
+  def target_for(config):
+    model = Transformer(ModelConfig.from_config(config.model))
+    return sharding.with_shardings(*sharding.abstract_params_and_shardings(params_init_fn(model), mesh))
+
+  config, params = checkpoint.load_checkpoint(checkpoint_dir, target_for, step)
   model = Transformer(ModelConfig.from_config(config.model))
-  target = sharding.with_shardings(*sharding.abstract_params_and_shardings(params_init_fn(model), mesh))
-  params = checkpoint.load_params(checkpoint_dir, target, step)
-  tokenizer = tokenizer_lib.load_tokenizer(find_tokenizer(config, checkpoint_dir))
+  tokenizer = tokenizer_lib.load_tokenizer(sources.tokenizer_path(config.data, checkpoint_dir=checkpoint_dir))
   return LoadedModel(model, params, config, tokenizer, mesh)
 
 

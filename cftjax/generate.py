@@ -298,14 +298,6 @@ def _compiled_generate_tokens(config, max_new_tokens, temperature, top_p, eos_id
   return on_mesh
 
 
-def _to_host(x: Array) -> np.ndarray:
-  """A (possibly multi-process) global array as one numpy array on every host."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 def _place_rows(x: np.ndarray, mesh: jax.sharding.Mesh) -> Array:
   """Every process holds the whole batch; each device takes its rows of it."""
   return jax.make_array_from_callback(x.shape, sharding_lib.batch_sharding(mesh), lambda index: x[index])
@@ -415,7 +407,7 @@ def generate(
     inputs = (tokens_BxP, lengths_B, np.asarray(row_keys(sampling.seed, batch_indices)))
     if mesh is not None:
       inputs = tuple(_place_rows(x, mesh) for x in inputs)
-    out_BxN, num_B = (_to_host(x) for x in run(params, *inputs))
+    out_BxN, num_B = (sharding_lib.to_host(x) for x in run(params, *inputs))
     for row, index in enumerate(indices):
       new_tokens = out_BxN[row, : num_B[row]].tolist()
       if sampling.stop_strings:

@@ -7,6 +7,15 @@ carries logical axis names; `sharding.py` maps them onto the device mesh.
 Logical axes
   params:      vocab, embed, heads, kv_heads, head_dim, mlp, layers (scan axis)
   activations: act_batch, act_length, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab
+
+Shape suffixes (the project's legend: `logits_BxLxV` is [batch, length, vocab])
+  B batch rows        L sequence length       D model width (hidden_size)
+  V vocabulary        N query heads           M key/value heads (GQA: N = M * G)
+  G query heads per key/value head            H head dim
+  Q query positions   K key positions         P prompt length (generate.py)
+  1 a broadcast axis; in generate.py N counts new tokens (tokens_BxN), not heads.
+A suffixed name whose value may be a structured stand-in says so in its type (e.g. a mask
+`mask_Bx1xQxK` may be an attention.CausalSegments: the segments that define that mask).
 """
 
 import dataclasses

@@ -11,6 +11,8 @@ from typing import Any
 import jax
 import optax
 
+from cftjax import sharding
+
 SCHEDULES = ("cosine", "linear", "constant")
 NO_DECAY_LEAVES = ("scale", "bias")  # RMSNorm scales and projection biases
 
@@ -53,9 +55,7 @@ def weight_decay_mask(params: Any) -> Any:
   """True for matrices (kernels, embeddings); False for norm scales and biases."""
 
   def decays(path, _):
-    last = path[-1]
-    name = str(getattr(last, "key", getattr(last, "name", last)))
-    return name not in NO_DECAY_LEAVES
+    return sharding.path_names(path)[-1] not in NO_DECAY_LEAVES
 
   return jax.tree_util.tree_map_with_path(decays, params)
 

@@ -111,8 +111,19 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def _path_key(path) -> tuple[str, ...]:
+def path_names(path) -> tuple[str, ...]:
+  """A pytree key path as names: ("layers", "attention", "q_proj", "kernel"); list items by index."""
   return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A global array as one numpy array on every host. Collective when the array spans
+  processes: every process must call it."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def shardings_like_params(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
@@ -125,11 +136,11 @@ def shardings_like_params(tree: Any, params: Any, param_shardings: Any, mesh: Me
   for (path, leaf), sharding in zip(
       jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(param_shardings)
   ):
-    by_path[_path_key(path)] = (tuple(leaf.shape), sharding)
+    by_path[path_names(path)] = (tuple(leaf.shape), sharding)
   replicated = NamedSharding(mesh, P())
 
   def pick(path, leaf):
-    key = _path_key(path)
+    key = path_names(path)
     for start in range(len(key)):
       hit = by_path.get(key[start:])
       if hit is not None and hit[0] == tuple(np.shape(leaf)):

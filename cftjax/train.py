@@ -21,6 +21,7 @@ from cftjax import metrics as metrics_lib
 from cftjax import objectives, optim, sharding
 from cftjax.data import pipeline
 from cftjax.data import sources as sources_lib
+from cftjax.data import tokenizer as tokenizer_lib
 from cftjax import model as model_lib
 from cftjax.model import ModelConfig, Transformer
 
@@ -285,7 +286,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequenc
 
   prepared = sources_lib.prepare(config.data)
   tokenizer_path = sources_lib.tokenizer_path(config.data, prepared)
-  tokenizer = pipeline._load_tokenizer(tokenizer_path)
+  tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(
         f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but config key "

@@ -61,6 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
   # picks it when the model has one) | plain | qwen | llama3 (Llama 3 Instruct) | llama3_1
   # (Llama 3.1/3.3 Instruct: dated system block).
   data.chat_template = "plain"
+  # System turn for every training and evaluation prompt; "" = the template's default (qwen
+  # has one, the others none).
+  data.system_prompt = ""
   data.max_length = 2048  # Tokens per packed row (and the truncation limit).
   # What to do with an example longer than max_length: drop | truncate_prompt_left |
   # truncate_target. Every drop or cut is counted in the metrics.
@@ -68,16 +71,15 @@ def get_config() -> ml_collections.ConfigDict:
   data.packing = True  # Pack several examples into one row (best-fit decreasing).
   # Examples the packer sorts and packs together. Larger packs tighter (only the window's
   # last rows stay part-empty) but holds more examples in memory and re-reads up to one
-  # window on resume. 1024 packed 95.7% at max_length 2048 on the pipeline benchmark's
-  # CFT-length corpus (256: 94.4%, 4096: 96.1%).
+  # window on resume; beyond ~1024 the gain is small (README, "Benchmarks").
   data.packing_window = 1024
   data.shuffle_seed = 0
   data.num_epochs = 1  # Passes over the training data; the run stops when it is used up.
   data.worker_count = 0  # Grain multiprocess prefetch workers; 0 = in-process.
   data.worker_buffer_size = 2
   # Threads that read and tokenize records ahead (in each process or worker). Tokenizing
-  # holds the GIL, so threads mainly hide storage latency (e.g. ArrayRecord on GCS); on
-  # local disk grain's default of 16 threads x 500 buffered ran 25% slower than 4 x 64.
+  # holds the GIL, so threads mainly hide storage latency (e.g. ArrayRecord on GCS); more
+  # threads than that contend for the GIL and slow the pipeline down.
   data.read_threads = 4
   data.read_buffer_size = 64
   # Mixture: comma-separated "name:weight" entries, e.g. "webinstruct_cft:1,my_sft:0.5".

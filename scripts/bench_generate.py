@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -33,6 +33,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cftjax import cli  # noqa: E402
 from cftjax import generate as gen  # noqa: E402
 from cftjax import hf, sharding  # noqa: E402
 from cftjax.model import ModelConfig, Transformer  # noqa: E402
@@ -159,4 +160,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

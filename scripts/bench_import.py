@@ -22,7 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `configs.base`
 
-from absl import app, flags
+from absl import flags
+
+from cftjax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/cftjax_bench", "Where the random model (and checkpoint) go.")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "bfloat16", ["bfloat16", "float32"], "model.param_dtype to import into.")
@@ -151,7 +153,7 @@ def main(argv):
     generate(hf_dir)
     print(f"generated {hf_dir} in {time.perf_counter() - t0:.0f}s")
   if _TO_CHECKPOINT.value and out_dir.exists():
-    sys.exit(f"error: {out_dir} exists; delete it first")
+    raise cli.UserError(f"{out_dir} exists; delete it first")
   child = subprocess.run(
       [sys.executable, __file__, f"--workdir={workdir}", f"--param_dtype={_PARAM_DTYPE.value}",
        f"--to_checkpoint={_TO_CHECKPOINT.value}", "--measure"],
@@ -165,4 +167,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

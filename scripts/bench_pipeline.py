@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
+from cftjax import cli
+
 
 # Token lengths (median, log-sigma) of each part of a CFT example, after WebInstruct-CFT:
 # short questions, longer noisy solutions and critiques. Totals: a few hundred to a couple
@@ -118,6 +120,7 @@ def main():
                       help="baseline: pack with grain's FirstFitPackIterDataset and this many bins instead")
   parser.add_argument("--seconds", type=float, default=20.0)
   parser.add_argument("--workers", default="0,1,2")
+  parser.add_argument("--verbose", action="store_true", help="full traceback of user errors")
   args = parser.parse_args()
 
   from absl import logging
@@ -166,4 +169,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.guard(main)

@@ -17,8 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `configs.base`
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
+
+from cftjax import cli
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "import: Hugging Face model directory (config.json + safetensors).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "export: cftjax checkpoint directory or training workdir.")
@@ -43,12 +45,12 @@ def parse_size(text: str) -> int:
       return int(float(upper[: -len(unit)]) * factor)
   if upper.isdigit():
     return int(upper)
-  raise app.UsageError(f"--max_shard_size={text!r} is not a size such as 5GB, 500MB or 1000000")
+  raise cli.UserError(f"--max_shard_size={text!r} is not a size such as 5GB, 500MB or 1000000")
 
 
 def main(argv: list[str]) -> int:
   if len(argv) != 2 or argv[1] not in ("import", "export"):
-    raise app.UsageError("usage: convert.py import --hf_dir=DIR --out=DIR | export --checkpoint=DIR --out=DIR")
+    raise cli.UserError("usage: convert.py import --hf_dir=DIR --out=DIR | export --checkpoint=DIR --out=DIR")
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and JAX are chatty at INFO
   logging.getLogger("cftjax.hf").setLevel(logging.INFO)  # per-tensor progress
   import ml_collections
@@ -57,29 +59,25 @@ def main(argv: list[str]) -> int:
   from configs import base
 
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1}))
-  try:
-    if argv[1] == "import":
-      if not _HF_DIR.value:
-        raise app.UsageError("import needs --hf_dir")
-      config = base.get_config()
-      config.model.param_dtype = _PARAM_DTYPE.value
-      config.model.scan_layers = _SCAN_LAYERS.value
-      config.data.max_length = _MAX_LENGTH.value
-      saved = hf.import_to_checkpoint(_HF_DIR.value, _OUT.value, mesh, config)
-      print(f"imported {saved.model.family} ({saved.model.num_layers} layers) into {_OUT.value}; "
-            f"tokenizer in {saved.data.tokenizer}; "
-            f"{chat_templates.describe(saved.data.chat_template, saved.data.tokenizer)}")
-    else:
-      if not _CHECKPOINT.value:
-        raise app.UsageError("export needs --checkpoint")
-      out = hf.export_checkpoint(_CHECKPOINT.value, _OUT.value, mesh, dtype=_DTYPE.value,
-                                 max_shard_bytes=parse_size(_MAX_SHARD_SIZE.value), step=_STEP.value)
-      print(f"exported {_CHECKPOINT.value} to {out}")
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  if argv[1] == "import":
+    if not _HF_DIR.value:
+      raise cli.UserError("import needs --hf_dir=DIR")
+    config = base.get_config()
+    config.model.param_dtype = _PARAM_DTYPE.value
+    config.model.scan_layers = _SCAN_LAYERS.value
+    config.data.max_length = _MAX_LENGTH.value
+    saved = hf.import_to_checkpoint(_HF_DIR.value, _OUT.value, mesh, config)
+    print(f"imported {saved.model.family} ({saved.model.num_layers} layers) into {_OUT.value}; "
+          f"tokenizer in {saved.data.tokenizer}; "
+          f"{chat_templates.describe(saved.data.chat_template, saved.data.tokenizer)}")
+  else:
+    if not _CHECKPOINT.value:
+      raise cli.UserError("export needs --checkpoint=DIR")
+    out = hf.export_checkpoint(_CHECKPOINT.value, _OUT.value, mesh, dtype=_DTYPE.value,
+                               max_shard_bytes=parse_size(_MAX_SHARD_SIZE.value), step=_STEP.value)
+    print(f"exported {_CHECKPOINT.value} to {out}")
   return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

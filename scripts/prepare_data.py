@@ -6,7 +6,7 @@
 
 Without --validation_input, about --validation_fraction of the distinct queries
 (default 0.01) go to the "validation" split by a stable hash; with it, those files are
-the validation split. A bad row stops the run with "file:line: reason" (exit 1) unless
+the validation split. A bad row stops the run with "error: file:line: reason" (exit 2) unless
 --skip_invalid, which skips bad rows and reports counts per reason and the first lines.
 """
 
@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
-from absl import app, flags
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's cftjax
 
+from absl import flags
+
+from cftjax import cli
 from cftjax.data import records, tfds_builder
 
 _INPUT = flags.DEFINE_list("input", None, "Comma-separated .jsonl/.json files (the train split, or all rows "
@@ -45,7 +49,7 @@ def summary_lines(result: tfds_builder.BuildResult) -> list[str]:
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise cli.UserError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger(tfds_builder.__name__).setLevel(logging.INFO)
     try:
         result = tfds_builder.build_dataset(
@@ -53,14 +57,10 @@ def main(argv: list[str]) -> int:
             validation_fraction=_VALIDATION_FRACTION.value, skip_invalid=_SKIP_INVALID.value,
             validation_inputs=_VALIDATION_INPUT.value, overwrite=_OVERWRITE.value)
     except records.InvalidRow as e:
-        print(f"error: {e}\n(pass --skip_invalid to skip and count bad rows)", file=sys.stderr)
-        return 1
-    except (records.InvalidFile, ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise cli.UserError(f"{e} (pass --skip_invalid to skip and count bad rows)") from e
     print("\n".join(summary_lines(result)))
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

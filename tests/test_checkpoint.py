@@ -1,6 +1,7 @@
 """Orbax checkpoints: retention (newest + best), the data iterator, restoring onto another
 mesh, async saves of donated state, parameter-only loads and saved configs."""
 
+import shutil
 from pathlib import Path
 
 import grain
@@ -161,10 +162,99 @@ def test_params_only_checkpoint_round_trip(tmp_path):
 
 def test_missing_checkpoints_are_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    ckpt.find_step_dir(tmp_path / "nowhere")
+    ckpt.find_steps(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match="no checkpoint steps"):
-    ckpt.find_step_dir(tmp_path)
+    ckpt.find_steps(tmp_path)
   (tmp_path / "5").mkdir()
-  assert ckpt.find_step_dir(tmp_path) == (tmp_path, 5)
-  with pytest.raises(FileNotFoundError, match=r"step 7 not in .*available: \[5\]"):
-    ckpt.find_step_dir(tmp_path, 7)
+  (tmp_path / "3").mkdir()
+  (tmp_path / "4.damaged").mkdir()
+  assert ckpt.find_steps(tmp_path) == (tmp_path, [5, 3])
+  with pytest.raises(FileNotFoundError, match=r"step 7 not in .*available: \[3, 5\]"):
+    ckpt.find_steps(tmp_path, 7)
+
+
+# ------------------------------------------------------------------------------ damaged steps
+def empty_a_tensor_file(step_dir: Path) -> None:
+  """What a full disk leaves: one file of the step's tensor store truncated to zero bytes."""
+  (step_dir / "state" / "manifest.ocdbt").write_bytes(b"")
+
+
+def half_write(step_dir: Path) -> None:
+  """What an interrupted copy leaves: the step's tensor data never arrived."""
+  shutil.rmtree(step_dir / "state" / "d")
+
+
+def saved_steps(directory: Path, config, values=(1.0, 2.0, 3.0)) -> None:
+  with ckpt.make_manager(directory, config.checkpoint, with_data=False) as manager:
+    for step, value in enumerate(values, start=1):
+      ckpt.save_train_state(manager, step, tiny_state(value), None, config)
+    manager.wait_until_finished()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's failed reads
+@pytest.mark.parametrize("damage", [empty_a_tensor_file, half_write])
+def test_resume_falls_back_past_a_damaged_newest_step_and_moves_it_aside(tmp_path, capfd, damage):
+  config = make_config(keep=3)
+  saved_steps(tmp_path, config)
+  damage(tmp_path / "3")
+  capfd.readouterr()
+  target = abstract(tiny_state(), mesh_of(1))
+  with ckpt.make_manager(tmp_path, config.checkpoint, with_data=False) as manager:
+    step, state = ckpt.restore_train_state(manager, target, None)
+    assert step == 2 and manager.latest_step() == 2
+    np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.full((4, 2), 2.0))
+    # The run saves step 3 again next to the damaged copy it set aside.
+    ckpt.save_train_state(manager, 3, tiny_state(9.0), None, config)
+    manager.wait_until_finished()
+  err = capfd.readouterr().err
+  warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+  assert len(warnings) == 1, err
+  assert f"checkpoint {tmp_path / '3'} is unreadable" in warnings[0]
+  assert "moved aside to 3.damaged; using step 2" in warnings[0]
+  assert "Traceback" not in err, err
+  assert (tmp_path / "3.damaged" / "state").is_dir()  # kept for inspection
+  assert on_disk(tmp_path) == [1, 2, 3]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's failed reads
+def test_readers_fall_back_and_leave_the_damaged_step_in_place(tmp_path, capfd):
+  config = make_config(keep=3)
+  saved_steps(tmp_path, config)
+  empty_a_tensor_file(tmp_path / "3")
+  target = abstract(tiny_state(), mesh_of(1))["params"]
+  loaded_config, params = ckpt.load_checkpoint(tmp_path, lambda _: target)
+  np.testing.assert_array_equal(np.asarray(params["w"]), np.full((4, 2), 2.0))
+  assert loaded_config.checkpoint.keep == 3
+  np.testing.assert_array_equal(np.asarray(ckpt.load_params(tmp_path, target)["w"]), np.full((4, 2), 2.0))
+  warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning:")]
+  assert len(warnings) == 2 and all("3 is unreadable" in w and "left in place; using step 2" in w for w in warnings)
+  assert on_disk(tmp_path) == [1, 2, 3]
+  # An explicit step is what the user asked for: no fallback.
+  with pytest.raises(ckpt.CheckpointError, match=r"step 3: ValueError"):
+    ckpt.load_params(tmp_path, target, step=3)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's failed reads
+def test_no_readable_step_is_one_error_naming_each_step(tmp_path):
+  config = make_config(keep=3)
+  saved_steps(tmp_path, config, values=(1.0, 2.0))
+  empty_a_tensor_file(tmp_path / "2")
+  half_write(tmp_path / "1")
+  with ckpt.make_manager(tmp_path, config.checkpoint, with_data=False) as manager:
+    with pytest.raises(ckpt.CheckpointError, match=rf"no checkpoint in {tmp_path} could be restored "
+                       r"\(step 2: ValueError: .*; step 1: ValueError: .*\)"):
+      ckpt.restore_train_state(manager, abstract(tiny_state(), mesh_of(1)), None)
+  assert on_disk(tmp_path) == [1, 2]  # nothing moved: no step is known good
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's failed reads
+def test_a_target_that_fits_no_step_moves_nothing(tmp_path):
+  """A changed model config fails on every step alike: that is not damage."""
+  config = make_config(keep=3)
+  saved_steps(tmp_path, config, values=(1.0, 2.0))
+  wrong = tiny_state()
+  wrong["params"]["w"] = jnp.zeros((5, 2), jnp.float32)
+  with ckpt.make_manager(tmp_path, config.checkpoint, with_data=False) as manager:
+    with pytest.raises(ckpt.CheckpointError, match="step 2: .*step 1: "):
+      ckpt.restore_train_state(manager, abstract(wrong, mesh_of(1)), None)
+  assert on_disk(tmp_path) == [1, 2]

@@ -85,7 +85,7 @@ def test_json_list_file_keeps_line_numbers(tmp_path):
         ("math", [{"question": "Q", "answer": "work #### "}], 1, "nothing after"),
         ("math", [{"problem": "", "answer": "1"}], 1, "non-empty string"),
         ("math", [{"problem": "P", "answer": True}], 1, "string or number"),
-        ("math", ["[1, 2]"], 1, "expected a JSON object"),
+        ("math", ["[1, 2]"], 1, "not an object"),
         ("math", [{"id": "a", "problem": "P", "answer": "1"}] * 2, 2, "duplicate id 'a'"),
         ("critique", [{"query": "Q", "response": "R", "label": "maybe"}], 1, "field 'label'"),
         ("critique", [{"query": "Q", "response": "R"}], 1, "missing field 'label'"),
@@ -104,7 +104,7 @@ def test_bad_rows_name_file_and_line(tmp_path, task, rows, line, reason):
     [
         ('{"problem": "P", "answer": "1"}', 1, "JSON list"),
         ('[\n {"problem": "P", "answer": "1"},\n {"problem": \n]', 4, "malformed JSON"),
-        ('[\n {"problem": "P", "answer": "1"}\n {"problem": "Q", "answer": "2"}\n]', 3, "expected ','"),
+        ('[\n {"problem": "P", "answer": "1"}\n {"problem": "Q", "answer": "2"}\n]', 3, "Expecting ',' delimiter"),
         ('[\n {"problem": "P"}\n]', 2, "missing field 'answer'"),
     ],
 )

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -338,3 +339,20 @@ def test_model_config_that_disagrees_with_config_json_is_refused(saved_llama):
   wrong = _model_config(saved_llama, rope_theta=500000.0)
   with pytest.raises(ValueError, match="model.rope_theta=500000.0 but .*config.json says 10000.0"):
     hf.import_params(saved_llama, wrong, _mesh())
+
+
+@pytest.mark.parametrize("kind,shape", [("same", (6, 4)), ("transpose", (6, 4)), ("qkv", (4, 3, 2)),
+                                        ("qkv_bias", (3, 2)), ("o", (3, 2, 4))])
+def test_each_layout_kind_reads_back_every_block_of_what_it_exports(kind, shape):
+  """The four views of one layout kind agree: any block read from the exported HF tensor
+  (only the rows and columns hf_ranges names) is that block of the original parameter."""
+  ours = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+  theirs = hf.to_hf_layout(kind, ours)
+  assert theirs.shape == hf.hf_shape(kind, shape)
+  halves = [((0, n // 2 or 1), (n // 2 or 1, n)) for n in shape]
+  for block in itertools.product(*halves):
+    rows, cols = hf.hf_block_ranges(kind, block, shape)
+    part = theirs[rows[0]:rows[1]] if cols is None else theirs[rows[0]:rows[1], cols[0]:cols[1]]
+    got = hf.from_hf_block(kind, part, block, shape)
+    want = ours[tuple(slice(a, b) for a, b in block)]
+    np.testing.assert_array_equal(got, want, err_msg=f"{kind} block {block}")

@@ -149,7 +149,7 @@ def test_changing_prompt_or_noisy_response_changes_no_target(tokenizer_path, tem
   # Weights sit on the targets, shifted by one from the ids: the first weighted target is
   # the first critique token, the last is the end token.
   weighted = base["targets"][base["weights"] == 1]
-  tokenizer = pipeline._load_tokenizer(tokenizer_path)
+  tokenizer = load_tokenizer(tokenizer_path)
   end = tokenizer.eos_id if template == "plain" else tokenizer.token_to_id("<|im_end|>")
   assert weighted[-1] == end
   assert tokenizer.decode(weighted.tolist()).startswith("Critique:\n")

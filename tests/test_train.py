@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,6 +157,25 @@ def test_run_learns_logs_and_resumes_bit_identically(data_dir, tmp_path, monkeyp
   check_metrics_logged(ref_dir, ref_result, ref_batches, data_dir)
   capsys.readouterr()
   check_resume_after_a_crash(data_dir, tmp_path / "run", ref_dir, ref_result, ref_batches, monkeypatch, capsys)
+  check_resume_past_a_damaged_checkpoint(data_dir, tmp_path / "damaged", ref_dir, capsys)
+
+
+def check_resume_past_a_damaged_checkpoint(data_dir, workdir, ref_dir, capsys):
+  """The reference run's newest checkpoint emptied (a full disk): resume warns in one line,
+  sets it aside and continues from step N exactly as the uninterrupted run did."""
+  shutil.copytree(ref_dir, workdir)
+  (workdir / "checkpoints" / str(2 * N) / "state" / "manifest.ocdbt").write_bytes(b"")
+  capsys.readouterr()
+  result = train.run(tiny_config(data_dir), workdir, ONE_DEVICE)
+  out = capsys.readouterr()
+  assert f"checkpoint {workdir / 'checkpoints' / str(2 * N)} is unreadable" in out.err, out.err
+  assert f"resumed from {workdir / 'checkpoints' / str(N)}" in out.out
+  assert result.final_step == 2 * N
+  assert (workdir / "checkpoints" / f"{2 * N}.damaged").is_dir()
+  got, want = step_lines(workdir), step_lines(ref_dir)
+  assert sorted(got) == list(range(1, 2 * N + 1))
+  for step in range(N + 1, 2 * N + 1):
+    assert got[step]["loss"] == want[step]["loss"], f"step {step}"
 
 
 def check_resume_after_a_crash(data_dir, workdir, ref_dir, ref_result, ref_batches, monkeypatch, capsys):

@@ -36,6 +36,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from cftjax import grading, objectives
+from cftjax.data import records as records_lib
 from cftjax.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 SPLITS = ("train", "validation", "test")
@@ -527,14 +528,12 @@ def write_jsonl(path: Path, records: Iterable[Mapping[str, str]]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, str]]:
-    records = []
-    with open(path, encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: invalid JSON: {error.msg}") from error
-    return records
+    rows = []
+    for _, row in records_lib.iter_jsonl_rows(path):
+        if isinstance(row, records_lib.InvalidRow):
+            raise row
+        rows.append(row)
+    return rows
 
 
 def _config_json(config: DemoConfig) -> dict:

@@ -28,9 +28,9 @@ Supported row formats (`FORMATS`):
                    the first key present in that order; a non-empty Alpaca "input" is
                    joined to "instruction" with "\n" (as the CFT prompt does).
 Optional string fields are copied when present: "answer" (webinstruct_cft, triples,
-sft), "system" (triples, sft), "label" (triples; else it comes from the critique's
-last "Conclusion:"). Other keys (ids, scores, ...) are not part of the schema and are
-ignored.
+sft), "system" (triples, sft), "label" (triples; else the critique's verdict, read as
+evaluation reads it: grading.parse_verdict). Other keys (ids, scores, ...) are not part
+of the schema and are ignored.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ import json
 import os
 import re
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+
+from cftjax import grading
 
 Record = dict[str, str]
 
@@ -75,11 +77,10 @@ class RowRef(NamedTuple):
     """Where a row came from: a 1-based line of a .jsonl file or a 0-based list index of a .json file."""
 
     path: str
-    line: int
-    is_list_index: bool = False
+    line: int  # 1-based; for a .json list, the line where the item starts
 
     def __str__(self) -> str:
-        return f"{self.path}:row {self.line}" if self.is_list_index else f"{self.path}:{self.line}"
+        return f"{self.path}:{self.line}"
 
 
 class InvalidRow(ValueError):
@@ -167,16 +168,18 @@ def iter_raw_rows(path: str | os.PathLike) -> Iterator[tuple[RowRef, Any]]:
     path_str = os.fspath(path)
     lowered = path_str.lower()
     if lowered.endswith(JSONL_SUFFIXES):
-        yield from _iter_jsonl(path_str)
+        yield from iter_jsonl_rows(path_str)
     elif lowered.endswith(JSON_SUFFIXES):
-        yield from _iter_json_list(path_str)
+        yield from iter_json_list_rows(path_str)
     else:
         raise InvalidFile(
             f"{path_str}: unsupported file type; expected one of "
             f"{', '.join(JSONL_SUFFIXES + JSON_SUFFIXES)}")
 
 
-def _iter_jsonl(path: str) -> Iterator[tuple[RowRef, Any]]:
+def iter_jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[RowRef, Any]]:
+    """(ref, row object or InvalidRow) for each non-blank line of a JSONL file."""
+    path = os.fspath(path)
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
             ref = RowRef(path, line_number)
@@ -200,7 +203,10 @@ def _iter_jsonl(path: str) -> Iterator[tuple[RowRef, Any]]:
             yield ref, row
 
 
-def _iter_json_list(path: str) -> Iterator[tuple[RowRef, Any]]:
+def iter_json_list_rows(path: str | os.PathLike) -> Iterator[tuple[RowRef, Any]]:
+    """(ref, row object or InvalidRow) for each item of a .json file's top-level list; the
+    ref is the line where the item starts. An unreadable file raises."""
+    path = os.fspath(path)
     with open(path, "rb") as f:
         data = f.read()
     if data.startswith(b"\xef\xbb\xbf"):
@@ -216,14 +222,50 @@ def _iter_json_list(path: str) -> Iterator[tuple[RowRef, Any]]:
         raise InvalidRow(RowRef(path, e.lineno), MALFORMED_JSON,
                          f"malformed JSON: {e.msg} at column {e.colno} (the whole .json file is unreadable)") from None
     if not isinstance(rows, list):
-        raise InvalidFile(f"{path}: a .json input must hold a list of row objects, got a JSON {_json_type(rows)}"
-                          " (use .jsonl for one object per line)")
-    for index, row in enumerate(rows):
-        ref = RowRef(path, index, is_list_index=True)
+        line = _line_at(text, _skip_space(text, 0))
+        raise InvalidFile(f"{path}:{line}: a .json input must hold a list (a JSON list) of row objects, "
+                          f"got a JSON {_json_type(rows)} (use .jsonl for one object per line)")
+    for line, row in zip(_list_item_lines(text), rows):
+        ref = RowRef(path, line)
         if not isinstance(row, dict):
             yield ref, InvalidRow(ref, NOT_AN_OBJECT, f"row is a JSON {_json_type(row)}, not an object")
         else:
             yield ref, row
+
+
+def _list_item_lines(text: str) -> Iterator[int]:
+    """The line each item of a valid top-level JSON list starts on."""
+    decoder = json.JSONDecoder()
+    index = _skip_space(text, text.index("[") + 1)
+    while not text.startswith("]", index):
+        yield _line_at(text, index)
+        _, end = decoder.raw_decode(text, index)
+        index = _skip_space(text, end)
+        if text.startswith(",", index):
+            index = _skip_space(text, index + 1)
+
+
+def _skip_space(text: str, index: int) -> int:
+    while index < len(text) and text[index] in " \t\r\n":
+        index += 1
+    return index
+
+
+def _line_at(text: str, index: int) -> int:
+    return text.count("\n", 0, index) + 1
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file holding one object (a model's config.json, a tokenizer config), or a
+    ValueError naming the file and line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{os.fspath(path)}: invalid JSON at line {error.lineno}: {error.msg}") from error
+    if not isinstance(content, dict):
+        raise ValueError(f"{os.fspath(path)}: expected a JSON object, got {type(content).__name__}")
+    return content
 
 
 def _json_type(value: Any) -> str:
@@ -279,19 +321,12 @@ def _first_present(row: Mapping[str, Any], keys: Sequence[str]) -> str | None:
 _QUESTION_SOLUTION = re.compile(r"^\s*Question:[ \t]*\n(?P<query>.*?)\n\s*Solution:[ \t]*\n(?P<response>.*)$",
                                 re.DOTALL)
 _CRITIQUE_PREFIX = re.compile(r"^\s*Critique:[ \t]*\n?")
-_CONCLUSION_VERDICT = re.compile(r"conclusion:\s*\**\s*(right|wrong)\b")
 
 
 def critique_label(critique: str) -> str:
-    """"right"/"wrong" from the critique's last "Conclusion:" (any case), else "".
-
-    Only the last "Conclusion:" counts (that is the verdict in the CFT format); rfind
-    instead of a full-text regex scan keeps this cheap on long critiques.
-    """
-    lowered = critique.lower()
-    start = lowered.rfind("conclusion:")
-    match = _CONCLUSION_VERDICT.match(lowered, start) if start >= 0 else None
-    return match.group(1) if match else ""
+    """The critique's verdict as a record label: "right"/"wrong" by the rules evaluation
+    grades with (grading.parse_verdict), else ""."""
+    return grading.parse_verdict(critique) or ""
 
 
 def split_question_solution(text: str) -> tuple[str, str] | None:

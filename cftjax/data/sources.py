@@ -7,6 +7,7 @@ SFT views of the same problems); with `data.source=tfds` they are datasets writt
 """
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Sequence
 
 DEMO_SOURCES = ("demo_cft", "demo_sft")
@@ -79,12 +80,25 @@ def prepare(data_config: Any):
   raise ValueError(f"config key data.source={data_config.source!r} is not 'demo' or 'tfds'")
 
 
-def tokenizer_path(data_config: Any, prepared) -> str:
-  """The configured tokenizer, or the demo's own when none is configured."""
-  if data_config.tokenizer:
+def tokenizer_path(data_config: Any, prepared=None, checkpoint_dir: str | Path | None = None,
+                   build_demo: bool = True) -> str:
+  """The one place a run's tokenizer is found (training, evaluation, export): data.tokenizer;
+  else, for a checkpoint, its own tokenizer/ directory (or its workdir's); else the demo's,
+  built if `prepared` is not given and `build_demo`. Load it with tokenizer.load_tokenizer."""
+  if data_config.get("tokenizer"):
     return data_config.tokenizer
-  if data_config.source == "demo":
-    return str(prepared.tokenizer_path)
+  if checkpoint_dir is not None:
+    checkpoint_dir = Path(checkpoint_dir)
+    for candidate in (checkpoint_dir / "tokenizer", checkpoint_dir.parent / "tokenizer"):
+      if candidate.is_dir():
+        return str(candidate)
+  if data_config.get("source") == "demo" and (prepared or build_demo):
+    return str((prepared or prepare(data_config)).tokenizer_path)
+  if checkpoint_dir is not None:
+    raise FileNotFoundError(
+        f"no tokenizer for {checkpoint_dir}: its config has no data.tokenizer and there is no "
+        f"{checkpoint_dir / 'tokenizer'} directory"
+    )
   raise ValueError(
       "config key data.tokenizer is empty: set it to a SentencePiece .model, a tokenizer.json "
       "or a model directory (an imported checkpoint keeps its tokenizer in <dir>/tokenizer)"

@@ -14,7 +14,6 @@ and the ids of chat markers such as "<|im_end|>". Both backends:
 from __future__ import annotations
 
 import io
-import json
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -23,6 +22,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import sentencepiece as spm
 import tokenizers
+
+from cftjax.data.records import read_json_object
 
 # Ids of the demo SentencePiece model's special tokens (see `train_sentencepiece`).
 SP_PAD_ID = 0
@@ -136,16 +137,6 @@ class SentencePieceTokenizer:
         return f"SentencePieceTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from error
-    if not isinstance(content, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(content).__name__}")
-    return content
-
-
 def _token_text(value: Any, path: Path, key: str) -> str | None:
     """A special-token entry is a string, {"content": str, ...} or null."""
     if value is None:
@@ -199,12 +190,12 @@ class HFTokenizer:
         if tokenizer_config_path is not None and not config_path.is_file():
             raise FileNotFoundError(f"tokenizer config not found: {config_path}")
         token_files = [
-            (p, _read_json_object(p))
+            (p, read_json_object(p))
             for p in (config_path, directory / "special_tokens_map.json")
             if p.is_file()
         ]
         generation_path = directory / "generation_config.json"
-        generation = _read_json_object(generation_path) if generation_path.is_file() else {}
+        generation = read_json_object(generation_path) if generation_path.is_file() else {}
 
         def resolve(name: str) -> int | None:
             """Id of special token `name` ("bos"/"eos"/"pad").

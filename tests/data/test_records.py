@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from cftjax import grading
 from cftjax.data import records
 from cftjax.data.records import InvalidRow, SkipReport
 
@@ -63,6 +64,14 @@ def test_label_comes_from_the_last_conclusion_and_is_empty_without_one():
     assert records.critique_label("Conclusion: right ... later\nConclusion: Wrong") == "wrong"
     assert records.critique_label("Conclusion: **right**") == "right"
     assert records.critique_label("Looks fine to me.") == ""
+
+
+def test_label_follows_the_evaluation_verdict_rules():
+    """Prepared data and evaluation read a verdict the same way."""
+    for critique in ("Conclusion: incorrect", "Conclusion: Correct", "so \\boxed{wrong}", "Conclusion: unsure",
+                     "Conclusion: right\nConclusion: wrong", "Conclusion: `right`"):
+        assert records.critique_label(critique) == (grading.parse_verdict(critique) or ""), critique
+    assert records.critique_label("Conclusion: incorrect") == "wrong"
 
 
 def test_triples_is_cft_and_takes_optional_label_system_answer(tmp_path):
@@ -226,10 +235,12 @@ def test_skip_report_merge_adds_counts_and_caps_examples():
     assert len(merged.examples[records.EMPTY_FIELD]) == records.MAX_EXAMPLES_PER_REASON
 
 
-def test_json_file_rows_are_referenced_by_list_index(tmp_path):
+def test_json_file_rows_are_referenced_by_the_line_they_start_on(tmp_path):
+    """As in .jsonl files and eval files: file:line, 1-based."""
     path = tmp_path / "data.json"
-    path.write_text(json.dumps([GOOD_TRIPLE, GOOD_TRIPLE, GOOD_TRIPLE, {"query": "q"}]))
-    with pytest.raises(InvalidRow, match=r"data.json:row 3: missing field 'response'"):
+    path.write_text("[\n" + ",\n".join(json.dumps(r) for r in [GOOD_TRIPLE] * 3) + ",\n" +
+                    json.dumps({"query": "q"}, indent=1) + "\n]")
+    with pytest.raises(InvalidRow, match=r"data.json:5: missing field 'response'"):
         read_all([str(path)], "triples")
 
 

@@ -85,3 +85,19 @@ def test_prepared_tfds_datasets_mix_into_training_batches(tmp_path):
   assert sum(s["examples"] for s in stats) == 45
   with pytest.raises(FileNotFoundError, match="no prepared dataset 'missing'"):
     sources_lib.load_sources(data_config(data_dir, source="tfds", mixture="missing:1"), "train")
+
+
+def test_a_checkpoints_tokenizer_is_found_beside_it(tmp_path):
+  """Evaluation and export resolve a checkpoint's tokenizer the way training resolves data.tokenizer."""
+  config = data_config(tmp_path, source="tfds")
+  imported = tmp_path / "imported"
+  (imported / "tokenizer").mkdir(parents=True)
+  assert sources_lib.tokenizer_path(config, checkpoint_dir=imported) == str(imported / "tokenizer")
+  run = tmp_path / "run"
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "tokenizer").mkdir()
+  assert sources_lib.tokenizer_path(config, checkpoint_dir=run / "checkpoints") == str(run / "tokenizer")
+  config.tokenizer = "/configured/tokenizer.json"  # data.tokenizer wins
+  assert sources_lib.tokenizer_path(config, checkpoint_dir=imported) == "/configured/tokenizer.json"
+  with pytest.raises(FileNotFoundError, match=r"no tokenizer for .*bare: its config has no data.tokenizer"):
+    sources_lib.tokenizer_path(data_config(tmp_path, source="tfds"), checkpoint_dir=tmp_path / "bare")

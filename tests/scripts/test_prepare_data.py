@@ -23,7 +23,7 @@ def test_prepare_data_cli_fails_on_bad_row_then_skips_and_reports(tmp_path):
     common = [f"--input={source}", "--name=cli_cft", f"--data_dir={tmp_path / 'out'}", "--validation_fraction=0"]
 
     failed = run_cli(*common)
-    assert failed.returncode == 1
+    assert failed.returncode == 2
     assert f"error: {source}:4: malformed JSON" in failed.stderr
     assert "--skip_invalid" in failed.stderr
 
