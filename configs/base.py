@@ -98,10 +98,11 @@ def get_config() -> ml_collections.ConfigDict:
   demo.error_fraction = 0.5  # Share of noisy responses that carry an injected error.
   demo.flawed_critique_fraction = 0.2  # Share of deliberately flawed critiques.
   demo.vocab_size = 512  # SentencePiece vocabulary trained on the demo corpus.
-  # Difficulty: values stay in [0, max_value); start values in [2, max_start]; add and
+  # Difficulty: values stay in [min_value, max_value) (10 and 100: every number two digits); start values in [2, max_start]; add and
   # subtract operands in [1, max_add_operand]; multipliers in [2, max_multiplier] (below 2:
   # none). Injected errors: "arithmetic" (a result off by one of arithmetic_slips) and/or
   # "operand" (an operand miscopied from the question), comma-separated.
+  demo.min_value = 0
   demo.max_value = 1000
   demo.max_start = 60
   demo.max_add_operand = 30

@@ -65,10 +65,11 @@ class DemoConfig:
     error_fraction: float = 0.5
     flawed_critique_fraction: float = 0.2
     vocab_size: int = 512  # upper bound for the demo SentencePiece model
-    # The task's difficulty: every value stays in [0, max_value); start values in
-    # [2, max_start]; add/subtract operands in [1, max_add_operand]; multipliers in
+    # The task's difficulty: every value stays in [min_value, max_value) (min_value 10 and
+    # max_value 100 write every number with two digits); start values in [max(2, min_value), max_start]; add/subtract operands in [1, max_add_operand]; multipliers in
     # [2, max_multiplier] (below 2: no multiplication); injected errors of these kinds, an
     # arithmetic error shifting a result by one of arithmetic_slips.
+    min_value: int = 0
     max_value: int = MAX_VALUE
     max_start: int = 60
     max_add_operand: int = 30
@@ -88,10 +89,10 @@ class DemoConfig:
         for name in ("error_fraction", "flawed_critique_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"DemoConfig.{name} must be in [0, 1], got {getattr(self, name)}")
-        if not 2 <= self.max_start < self.max_value:
+        if not max(2, self.min_value) <= self.max_start < self.max_value:
             raise ValueError(
-                f"DemoConfig needs 2 <= max_start < max_value, got max_start={self.max_start}, "
-                f"max_value={self.max_value}"
+                f"DemoConfig needs max(2, min_value) <= max_start < max_value, got min_value={self.min_value}, "
+                f"max_start={self.max_start}, max_value={self.max_value}"
             )
         if self.max_add_operand < 1:
             raise ValueError(f"DemoConfig.max_add_operand must be >= 1, got {self.max_add_operand}")
@@ -189,7 +190,7 @@ def _apply(op: str, left: int, operand: int) -> int:
 
 
 def _in_range(value: int, config: DemoConfig) -> bool:
-    return 0 <= value < config.max_value
+    return config.min_value <= value < config.max_value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,19 +203,19 @@ def _uniform_int(rng: random.Random, low: int, high: int) -> int:
 
 
 def _sample_problem(rng: random.Random, config: DemoConfig) -> Problem:
-    value = _uniform_int(rng, 2, config.max_start)
+    value = _uniform_int(rng, max(2, config.min_value), config.max_start)
     start = value
     operations = []
     top = config.max_value
     for _ in range(_uniform_int(rng, config.min_steps, config.max_steps)):
         feasible = "+" if value + 1 < top else ""
-        if value >= 1:
+        if value - 1 >= config.min_value:
             feasible += "-*" if value * 2 < top and config.max_multiplier >= 2 else "-"
         op = feasible[int(rng.random() * len(feasible))]
         if op == "+":
             operand = _uniform_int(rng, 1, min(config.max_add_operand, top - 1 - value))
         elif op == "-":
-            operand = _uniform_int(rng, 1, min(config.max_add_operand, value))
+            operand = _uniform_int(rng, 1, min(config.max_add_operand, value - config.min_value))
         else:
             operand = _uniform_int(rng, 2, min(config.max_multiplier, (top - 1) // value))
         operations.append((op, operand))
@@ -275,7 +276,7 @@ def _inject_error(
     """The solution with one error at a random step, or None if no valid one was found.
 
     Returns (steps, error index). The error always changes the final answer and keeps every
-    value in [0, config.max_value).
+    value in [config.min_value, config.max_value).
     """
     correct = list(problem.solution)
     for _ in range(max_tries):

@@ -55,7 +55,7 @@ def demo_config(data_config: Any):
       seed=d.seed, num_train=d.num_train, num_validation=d.num_validation, num_test=d.num_test,
       min_steps=d.min_steps, max_steps=d.max_steps, error_fraction=d.error_fraction,
       flawed_critique_fraction=d.flawed_critique_fraction, vocab_size=d.vocab_size,
-      max_value=d.max_value, max_start=d.max_start, max_add_operand=d.max_add_operand,
+      min_value=d.min_value, max_value=d.max_value, max_start=d.max_start, max_add_operand=d.max_add_operand,
       max_multiplier=d.max_multiplier, error_kinds=_names(d.error_kinds, "data.demo.error_kinds"),
       arithmetic_slips=tuple(int(x) for x in _names(d.arithmetic_slips, "data.demo.arithmetic_slips")),
   )

@@ -261,3 +261,39 @@ def test_prepare_demo_data_rebuilds_an_incomplete_cache(tmp_path):
     again = prepare_demo_data(tmp_path, CONFIG)
     assert again.built
     assert again.records("test") == generate_split(CONFIG, "test")
+
+
+EASY = dataclasses.replace(
+    CONFIG, min_value=10, max_value=100, max_start=90, max_add_operand=9, max_multiplier=0,
+    error_kinds=("arithmetic",), arithmetic_slips=(-2, -1, 1, 2), min_steps=2, max_steps=3,
+)
+
+
+def test_difficulty_knobs_bound_values_operations_and_errors():
+    splits = generate_splits(EASY)
+    slips = set()
+    for records in splits.values():
+        for record in records:
+            values, operations = _true_values(record["query"])
+            assert {op for op, _ in operations} <= {"+", "-"}
+            assert all(1 <= operand <= 9 for _, operand in operations)
+            assert all(10 <= value < 100 for value in values)
+            for text in (record["response"], record["critique"]):  # every written value, right or wrong
+                assert all(10 <= int(n) < 100 for n in re.findall(r"(?:= |answer is )(\d+)", text)), text
+            steps = _response_steps(record["response"])
+            assert all(10 <= value < 100 for step in steps for value in (step[0], step[3]))
+            wrong = _first_wrong_step(record)
+            if wrong is not None:
+                left, op, operand, result = steps[wrong]
+                assert operand == operations[wrong][1]  # arithmetic errors only
+                slips.add(result - OPS[op](left, operand))
+    assert slips == {-2, -1, 1, 2}
+
+
+def test_difficulty_knob_errors_name_the_field():
+    with pytest.raises(ValueError, match="min_value=50, max_start=20"):
+        DemoConfig(min_value=50, max_start=20, max_value=100)
+    with pytest.raises(ValueError, match="error_kinds"):
+        DemoConfig(error_kinds=("typo",))
+    with pytest.raises(ValueError, match="arithmetic_slips"):
+        DemoConfig(arithmetic_slips=(0, 1))
