@@ -48,7 +48,7 @@ _OPERAND_SLIPS = (-2, -1, 1, 2)
 _PHRASES = {"+": "add", "-": "subtract", "*": "multiply by"}
 _OPS_BY_PHRASE = {phrase: op for op, phrase in _PHRASES.items()}
 # Bump when the generated text or file layout changes, so old caches are not reused.
-DATA_FORMAT_VERSION = 1
+DATA_FORMAT_VERSION = 2
 # The CFT paper's instruction; fed to tokenizer training so the prompt tokenizes compactly.
 
 
@@ -312,7 +312,7 @@ def _first_wrong_step(problem: Problem, steps: Sequence[Step]) -> int | None:
 
 
 def _correction(problem: Problem, step: Step, index: int) -> str:
-    """Why a wrong step is wrong and its correct value (its left side is correct)."""
+    """The wrong step recomputed from its (correct) left side and the question's operation."""
     op, operand = problem.operations[index]
     correct = _apply(op, step.left, operand)
     if step.operand != operand:
@@ -321,13 +321,18 @@ def _correction(problem: Problem, step: Step, index: int) -> str:
 
 
 def _critique_lines(steps: Sequence[Step], wrong_index: int | None, correction: str) -> list[str]:
+    """Each step up to the first wrong one: accepted as written, or recomputed and rejected.
+
+    A rejected step states its recomputed value before the written one ("12 + 7 = 19, not
+    18"), so the critique computes every result it disputes instead of copying it.
+    """
     lines = []
     for index, step in enumerate(steps):
         number = index + 1
         if wrong_index is None or index < wrong_index:
             lines.append(f"Step {number}: {step.equation()} is correct.")
         else:
-            lines.append(f"Step {number}: {step.equation()} is wrong; {correction}.")
+            lines.append(f"Step {number}: {correction}, not {step.result}, so it is wrong.")
             if number < len(steps):
                 lines.append(f"Steps after step {number} build on the wrong value.")
             break

@@ -172,8 +172,9 @@ def test_faithful_critiques_name_the_first_wrong_step_and_the_true_answer(splits
                 assert lines[index] == f"Step {index + 1}: {left} {op} {operand} = {result} is correct."
             if wrong is not None:
                 left, op, operand, result = steps[wrong]
-                prefix = f"Step {wrong + 1}: {left} {op} {operand} = {result} is wrong; "
-                assert lines[wrong].startswith(prefix) and lines[wrong].endswith(f" = {values[wrong + 1]}.")
+                true_operand = _query_operations(record["query"])[1][wrong][1]
+                recomputed = f"{left} {op} {true_operand} = {values[wrong + 1]}, not {result}, so it is wrong."
+                assert lines[wrong].startswith(f"Step {wrong + 1}: ") and lines[wrong].endswith(recomputed)
 
 
 def test_flawed_critiques_are_consistent_with_their_wrong_verdict(splits):
@@ -186,7 +187,7 @@ def test_flawed_critiques_are_consistent_with_their_wrong_verdict(splits):
                 assert all(line.endswith(" is correct.") for line in lines[:-2])
                 assert claimed == response_answer
             else:  # a right response is flagged: the claimed answer is not the response's
-                assert sum(" is wrong; " in line for line in lines) == 1
+                assert sum(line.endswith(", so it is wrong.") for line in lines) == 1
                 assert claimed != response_answer == record["answer"]
 
 
