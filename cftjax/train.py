@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cftjax import checkpoint as ckpt
 from cftjax import metrics as metrics_lib
-from cftjax import objectives, optim, sharding
+from cftjax import head_loss, objectives, optim, sharding
 from cftjax.data import pipeline
 from cftjax.data import sources as sources_lib
 from cftjax import model as model_lib
@@ -69,10 +69,16 @@ def init_state(model, tx, mesh, seed: int, layout: StateLayout, params=None):
 
 # ------------------------------------------------------------------------------ steps
 def _forward_sums(model, params, batch, num_sources: int):
-  logits, _ = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
-  return objectives.loss_sums(
-      logits, batch["targets"], batch["weights"], batch["objective_ids"], batch["source_ids"], num_sources
-  )
+  inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
+  cfg = model.config
+  if cfg.loss_chunk_size:  # never the whole [B, L, V] logits
+    hidden, _ = model.apply({"params": params}, *inputs, return_hidden=True)
+    ce = head_loss.chunked_token_cross_entropy(hidden, head_loss.head_kernel(params, cfg.tie_embeddings),
+                                               batch["targets"], cfg.loss_chunk_size, cfg.jnp_dtype)
+  else:
+    logits, _ = model.apply({"params": params}, *inputs)
+    ce = objectives.token_cross_entropy(logits, batch["targets"])
+  return objectives.token_loss_sums(ce, batch["weights"], batch["objective_ids"], batch["source_ids"], num_sources)
 
 
 def _split_micro_batches(batch, accum: int):

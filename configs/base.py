@@ -46,6 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Sliding-window attention (Mistral): each token sees at most this many tokens, itself
   # included. 0 = all earlier tokens. Set by HF import from config.json.
   model.sliding_window = 0
+  # Training loss over chunks of this many sequence positions (cftjax.head_loss): the
+  # lm-head logits exist for [rows per device, chunk, vocab] at a time, forward and
+  # backward, instead of the whole [rows, length, vocab] in float32. 0 = whole logits.
+  model.loss_chunk_size = 256
   # Initialise from an existing model: "" (random init), a Hugging Face model directory
   # (config.json + safetensors) or a cftjax checkpoint directory.
   model.init_from = ""
