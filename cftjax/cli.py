@@ -39,6 +39,17 @@ def train_main(config, workdir: str | None, config_filename: str) -> None:
   print(f"done: step {result.final_step}; checkpoints, metrics.jsonl and config.json in {result.workdir}")
 
 
+def dry_run_main(config, device_memory_gib: float | None = None) -> None:
+  from cftjax import memory
+
+  quiet_library_logs()
+  capacity = None if device_memory_gib is None else int(device_memory_gib * memory.GIB)
+  report = memory.dry_run(config, capacity=capacity)
+  print(memory.format_report(report, config))
+  if report.fits is False:
+    sys.exit(1)
+
+
 def quiet_library_logs() -> None:
   """Library INFO logs (orbax, absl) would bury the progress lines users read."""
   from absl import logging

@@ -272,6 +272,18 @@ def _per_source(sources, means: dict, prefix: str) -> dict[str, float]:
   }
 
 
+def check_grad_accum(config: ml_collections.ConfigDict, mesh) -> int:
+  """train.grad_accum_steps, checked to divide the per-device batch."""
+  accum = int(config.train.grad_accum_steps)
+  per_device = config.train.global_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
+  if accum < 1 or per_device % accum:
+    raise ValueError(
+        f"config key train.grad_accum_steps={accum} must divide the per-device batch "
+        f"{per_device} (train.global_batch_size / (mesh.data * mesh.fsdp))"
+    )
+  return accum
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequence[jax.Device] | None = None) -> RunResult:
   """Trains (or resumes) per `config`, writing checkpoints and metrics under workdir.
 
@@ -281,13 +293,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequenc
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   mesh = sharding.make_mesh(config.mesh, devices)
   rows = sharding.batch_size_per_process(config.train.global_batch_size, mesh)
-  accum = int(config.train.grad_accum_steps)
-  per_device = config.train.global_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
-  if accum < 1 or per_device % accum:
-    raise ValueError(
-        f"config key train.grad_accum_steps={accum} must divide the per-device batch "
-        f"{per_device} (train.global_batch_size / (mesh.data * mesh.fsdp))"
-    )
+  accum = check_grad_accum(config, mesh)
 
   prepared = sources_lib.prepare(config.data)
   tokenizer_path = sources_lib.tokenizer_path(config.data, prepared)
