@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from cftjax import checkpoint as ckpt
 from cftjax import metrics as metrics_lib
 from cftjax import head_loss, objectives, optim, sharding
+from cftjax.evaluators import EvalContext
 from cftjax.data import pipeline
 from cftjax.data import sources as sources_lib
 from cftjax import model as model_lib
@@ -284,10 +285,13 @@ def check_grad_accum(config: ml_collections.ConfigDict, mesh) -> int:
   return accum
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequence[jax.Device] | None = None) -> RunResult:
+def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequence[jax.Device] | None = None,
+        evaluators: Sequence[Callable[[Any], dict]] = ()) -> RunResult:
   """Trains (or resumes) per `config`, writing checkpoints and metrics under workdir.
 
   `devices` (default: all) is what the mesh spans, e.g. one of several simulated devices.
+  `evaluators` (cftjax.evaluators) run at each evaluation with an EvalContext; their
+  metrics join the validation loss and may rank checkpoints (checkpoint.best_metric).
   """
   workdir = Path(workdir)
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
@@ -400,8 +404,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequenc
           flush()
           eval_metrics = _validation_loss(steps, state["params"], config, validation_sources, tokenizer_path,
                                           rows, mesh, num_sources)
-          if config.train.get("eval_generation_examples", 0) > 0:
-            eval_metrics.update(_generation_metrics(config, model, state["params"], tokenizer, mesh))
+          for evaluator in evaluators:
+            eval_metrics.update(evaluator(EvalContext(model, state["params"], config, tokenizer, mesh, step)))
           writer.write(step, eval_metrics)
           writer.console(f"step {step} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
         if step % config.train.log_every == 0:
@@ -425,20 +429,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequenc
     data_iter.close()  # stops worker processes (data.worker_count > 0)
     writer.close()
   return RunResult(step, last_metrics, workdir, stopped)
-
-
-def _generation_metrics(config, model, params, tokenizer, mesh) -> dict:
-  """Greedy answer and critique accuracy on a few demo validation problems."""
-  if config.data.source != "demo":
-    raise ValueError(
-        "config key train.eval_generation_examples > 0 needs data.source=demo; for other data "
-        "evaluate checkpoints with scripts/eval.py"
-    )
-  from cftjax import evaluate
-
-  return evaluate.demo_generation_metrics(model, params, config, tokenizer, mesh,
-                                          int(config.train.eval_generation_examples),
-                                          int(config.train.eval_generation_max_new_tokens))
 
 
 def _initial_params(config, model_config, layout: StateLayout, mesh, writer):

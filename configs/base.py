@@ -111,9 +111,15 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_batches = 4
   # Also a generation metric at each evaluation (greedy answer and critique accuracy on
   # this many demo validation problems; 0 = off). Usable with checkpoint.best_metric,
-  # e.g. "val_critique_accuracy" with best_mode "max".
+  # e.g. "val_critique_accuracy" with best_mode "max". The token limit below applies to
+  # every in-training generation (demo and eval_math_data).
   train.eval_generation_examples = 0
   train.eval_generation_max_new_tokens = 384
+  # Math benchmark accuracy at each evaluation, for any data source: comma-separated JSONL
+  # files (question/answer rows, as scripts/eval.py --task=math reads), each logged as
+  # val_<file stem>_accuracy (e.g. checkpoint.best_metric = "val_math500_accuracy", max).
+  train.eval_math_data = ""
+  train.eval_math_examples = 64  # First N problems of each file (0 = all).
 
   # ---------------------------------------------------------------- optimizer
   optim = config.optim = ml_collections.ConfigDict()

@@ -71,10 +71,13 @@ def get_config():
   mesh.fsdp = -1  # shard params, grads and Adam state over every chip
   mesh.tensor = 1
 
+  # Selection by MATH-500 needs the mid-run checkpoints (the best is often near the middle):
+  # one epoch of 50K examples at 512 per step is ~98 steps, so every_steps=20 saves 5 plus
+  # the last, and keep=8 keeps them all (~92 GB each with Adam state: see README). Score
+  # them afterwards with scripts/eval.py --steps=all, or keep the best N in training with
+  # train.eval_math_data=math500.jsonl, best_metric="val_math500_accuracy", best_mode="max".
   ckpt = config.checkpoint
   ckpt.every_steps = 20
-  ckpt.keep = 2
-  ckpt.best_metric = "val_loss"
-  ckpt.best_mode = "min"
-  ckpt.keep_best = 1
+  ckpt.keep = 8
+  ckpt.best_metric = ""
   return config
