@@ -154,7 +154,7 @@ def default_workdir(config_filename: str) -> Path:
 
 
 def train_main(config, workdir: str | None, config_filename: str) -> None:
-  from cftjax import train
+  from cftjax import evaluators, train
 
   config_file = Path(config_filename.split(":")[0])
   if not config_file.is_file():  # config_flags only says so when the config is first used
@@ -163,11 +163,22 @@ def train_main(config, workdir: str | None, config_filename: str) -> None:
   maybe_initialize_distributed()
   workdir = Path(workdir) if workdir else default_workdir(config_filename)
   try:
-    result = train.run(config, workdir)
+    result = train.run(config, workdir, evaluators=evaluators.from_config(config))
   except train.TrainingStopped as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   print(f"done: step {result.final_step}; checkpoints, metrics.jsonl and config.json in {result.workdir}")
+
+
+def dry_run_main(config, device_memory_gib: float | None = None) -> None:
+  from cftjax import memory
+
+  quiet_library_logs()
+  capacity = None if device_memory_gib is None else int(device_memory_gib * memory.GIB)
+  report = memory.dry_run(config, capacity=capacity)
+  print(memory.format_report(report, config))
+  if report.fits is False:
+    sys.exit(1)
 
 
 def quiet_library_logs() -> None:
@@ -178,22 +189,45 @@ def quiet_library_logs() -> None:
 
 
 def eval_main(flags) -> None:
-  from cftjax import evaluate
+  import ml_collections
+
+  from cftjax import evaluate, selection
 
   quiet_library_logs()
   if flags.task in ("math", "critique") and not flags.data:
     raise UserError(f"--task={flags.task} needs --data=FILE.jsonl")
-  loaded = evaluate.load(flags.checkpoint, flags.step)
+  mesh_config = ml_collections.ConfigDict({"data": -1, "fsdp": flags["mesh.fsdp"].value,
+                                           "tensor": flags["mesh.tensor"].value})
   max_new = flags.max_new_tokens or (384 if flags.task == "demo" else 2048)
-  sampling = evaluate.sampling_for(loaded, max_new, flags.temperature, flags.top_p, flags.seed)
-  if flags.task == "demo":
-    rows, summary = evaluate.run_demo(loaded, sampling, flags.batch_size, flags.limit)
-  elif flags.task == "math":
-    rows, summary = evaluate.run_math(loaded, flags.data, sampling, flags.batch_size, flags.limit)
-  else:
-    rows, summary = evaluate.run_critique(loaded, flags.data, sampling, flags.batch_size, flags.limit)
+  if flags.num_samples > 1 and flags.temperature == 0:
+    raise UserError("--num_samples > 1 needs --temperature > 0 (greedy answers are all the same)")
+
+  def evaluate_one(step, data, out):
+    loaded = evaluate.load(flags.checkpoint, step, mesh_config, dtype=flags.dtype or None)
+    sampling = evaluate.sampling_for(loaded, max_new, flags.temperature, flags.top_p, flags.seed)
+    if flags.task == "demo":
+      rows, summary = evaluate.run_demo(loaded, sampling, flags.batch_size, flags.limit)
+    elif flags.task == "math":
+      rows, summary = evaluate.run_math(loaded, data, sampling, flags.batch_size, flags.limit,
+                                        num_samples=flags.num_samples)
+    else:
+      rows, summary = evaluate.run_critique(loaded, data, sampling, flags.batch_size, flags.limit)
+    evaluate.write_results(out, flags.task, rows, summary)
+    return summary
+
+  if flags.steps:
+    if flags.task != "math":
+      raise UserError("--steps scores math benchmarks: use it with --task=math")
+    steps = None if flags.steps == "all" else [int(s) for s in flags.steps.split(",")]
+    table = selection.sweep(flags.checkpoint, flags.data.split(","), evaluate_one, flags.select_by, steps)
+    out = selection.eval_dir(flags.checkpoint)
+    print(selection.table_markdown(table))
+    print(f"table.md and table.json in {out}")
+    return
+  if flags.task != "demo" and "," in flags.data:
+    raise UserError("several --data files need --steps (e.g. --steps=all)")
   out = Path(flags.out) if flags.out else Path(flags.checkpoint) / "eval" / flags.task
-  evaluate.write_results(out, flags.task, rows, summary)
+  summary = evaluate_one(flags.step, flags.data, out)
   print(evaluate.format_summary(flags.task, summary))
   print(f"per-example results and {flags.task}_summary.json in {out}")
 
@@ -234,3 +268,11 @@ def make_cft_data_main(flags) -> None:
     sys.exit(f"error: {e}")
   print(json.dumps(summary, indent=2))
   print(f"wrote {summary['rows_kept']} rows to {flags.out}; summary in {cft_data.summary_path(flags.out)}")
+
+
+def compare_main(run_dirs, out_dir: str) -> None:
+  from cftjax import selection
+
+  result = selection.compare(run_dirs, out_dir)
+  print((Path(out_dir) / "compare.md").read_text())
+  print(f"compare.md, compare.json and accuracy_vs_step.png in {out_dir} ({len(result['runs'])} runs)")

@@ -35,20 +35,29 @@ class LoadedModel:
 
 
 def load(checkpoint_dir: str | Path, step: int | None = None, mesh_config=None,
-         devices: Sequence[jax.Device] | None = None) -> LoadedModel:
+         devices: Sequence[jax.Device] | None = None, dtype: str | None = None) -> LoadedModel:
   """Restores params onto a mesh over `devices` (default: all present), whatever mesh
-  trained them; `mesh_config` defaults to pure data parallelism."""
+  trained them; `mesh_config` defaults to pure data parallelism (fsdp / tensor shard the
+  weights, e.g. a 7B model over 8 chips). `dtype` (e.g. "bfloat16") is the inference
+  dtype: weights are restored in it and the model computes in it (half the memory of
+  float32 master weights)."""
   from cftjax.data import sources
   from cftjax.data import tokenizer as tokenizer_lib
 
   checkpoint_dir = Path(checkpoint_dir)
   mesh = sharding.make_mesh(mesh_config or ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}), devices)
 
+  def with_dtype(config):
+    if dtype:
+      config.model.dtype = config.model.param_dtype = dtype
+    return config
+
   def target_for(config):
-    model = Transformer(ModelConfig.from_config(config.model))
+    model = Transformer(ModelConfig.from_config(with_dtype(config).model))
     return sharding.with_shardings(*sharding.abstract_params_and_shardings(params_init_fn(model), mesh))
 
   config, params = checkpoint.load_checkpoint(checkpoint_dir, target_for, step)
+  config = with_dtype(config)
   model = Transformer(ModelConfig.from_config(config.model))
   tokenizer = tokenizer_lib.load_tokenizer(sources.tokenizer_path(config.data, checkpoint_dir=checkpoint_dir))
   return LoadedModel(model, params, config, tokenizer, mesh)
@@ -121,13 +130,42 @@ def run_demo(loaded: LoadedModel, sampling: SamplingConfig, batch_size: int, lim
   return {"answers": answers, "critiques": critiques}, summary
 
 
-def run_math(loaded: LoadedModel, data_path: str, sampling, batch_size, limit, progress=True):
+def sampled_answer_rows(examples: Sequence[dict], outputs: Sequence[Sequence[str]]) -> tuple[list[dict], dict]:
+  """n outputs per example: accuracy (mean over samples), unbiased pass@k, majority vote."""
+  from cftjax import sample_scores
+
+  n = len(outputs[0])
+  rows = []
+  for ex, outs in zip(examples, outputs):
+    extracted = [grading.extract_answer(o) for o in outs]
+    correct = [grading.answers_match(a, ex["answer"]) for a in extracted]
+    majority = sample_scores.majority_answer(extracted, grading.answers_match)
+    rows.append(dict(ex, outputs=list(outs), extracted=extracted, correct=correct, majority=majority,
+                     majority_correct=grading.answers_match(majority, ex["answer"])))
+  summary = {"accuracy": sum(sum(r["correct"]) for r in rows) / (n * len(rows)), "n": len(rows), "samples": n}
+  for k in sample_scores.default_ks(n):
+    summary[f"pass@{k}"] = sum(sample_scores.pass_at_k(n, sum(r["correct"]), k) for r in rows) / len(rows)
+  summary[f"maj@{n}"] = sum(r["majority_correct"] for r in rows) / len(rows)
+  return rows, summary
+
+
+def run_math(loaded: LoadedModel, data_path: str, sampling, batch_size, limit, progress=True, num_samples: int = 1):
+  """Accuracy on a math benchmark; with num_samples > 1 (and temperature > 0), n answers
+  per problem, pass@k and majority-vote accuracy."""
   from cftjax import eval_data
 
   examples = eval_data.load_eval_file(data_path, "math")[:limit]
   prompts = [answer_prompt(eval_data.math_user_text(e.question), loaded, eval_data.MATH_SYSTEM_PROMPT) for e in examples]
-  outputs = _generate(loaded, prompts, sampling, batch_size, progress)
-  rows, summary = answer_rows([{"id": e.id, "question": e.question, "answer": e.reference} for e in examples], outputs)
+  refs = [{"id": e.id, "question": e.question, "answer": e.reference} for e in examples]
+  if num_samples == 1:
+    rows, summary = answer_rows(refs, _generate(loaded, prompts, sampling, batch_size, progress))
+    return {"math": rows}, summary
+  if num_samples < 1:
+    raise ValueError(f"--num_samples={num_samples} must be >= 1")
+  repeated = [p for p in prompts for _ in range(num_samples)]  # each copy gets its own sampling key
+  flat = _generate(loaded, repeated, sampling, batch_size, progress)
+  outputs = [flat[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+  rows, summary = sampled_answer_rows(refs, outputs)
   return {"math": rows}, summary
 
 

@@ -62,6 +62,7 @@ class ModelConfig:
   remat_policy: str = "none"
   attention_impl: str = "xla"
   sliding_window: int = 0  # Mistral: attend to at most this many tokens (self included); 0 = all
+  loss_chunk_size: int = 0  # training loss over chunks of this many positions (cftjax.head_loss); 0 = whole
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -325,8 +326,11 @@ class Transformer(nn.Module):
     if not cfg.tie_embeddings:
       self.lm_head = _dense(cfg, cfg.vocab_size, -1, ("embed", "vocab"), "lm_head")
 
-  def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache=None):
+  def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache=None, return_hidden=False):
     """Returns (float32 logits [B, L, V], updated cache or None).
+
+    return_hidden: return the final-norm hidden states [B, L, D] instead of logits, for a
+    loss that applies the head itself (cftjax.head_loss, chunk by chunk).
 
     positions restart at 0 for each packed example (RoPE); segment_ids are 1-based per
     example with 0 for padding. With a cache, the chunk is written at cache["index"].
@@ -362,11 +366,14 @@ class Transformer(nn.Module):
       new_layer_caches = None if layer_caches is None else jax.tree.map(lambda *c: jnp.stack(c), *outs)
 
     x = self.final_norm(x)
-    if cfg.tie_embeddings:
+    if return_hidden:
+      logits = x
+    elif cfg.tie_embeddings:
       logits = self.embed.attend(x)
     else:
       logits = self.lm_head(x)
-    logits = constrain(logits.astype(jnp.float32), "act_batch", "act_length", "act_vocab")
+    if not return_hidden:
+      logits = constrain(logits.astype(jnp.float32), "act_batch", "act_length", "act_vocab")
 
     new_cache = None
     if cache is not None:

@@ -89,7 +89,19 @@ def loss_sums(
   Returning sums lets callers add micro-batches and hosts before dividing once, which
   is what makes the loss a token mean over the global batch.
   """
-  ce = token_cross_entropy(logits_BxLxV, targets_BxL)
+  return token_loss_sums(token_cross_entropy(logits_BxLxV, targets_BxL), weights_BxL, objective_ids_BxL,
+                         source_ids_BxL, num_sources)
+
+
+def token_loss_sums(
+    ce_BxL: jax.Array,
+    weights_BxL: jax.Array,
+    objective_ids_BxL: jax.Array,
+    source_ids_BxL: jax.Array | None = None,
+    num_sources: int = 0,
+) -> dict[str, jax.Array]:
+  """`loss_sums` from per-token losses (e.g. the chunked head's, cftjax.head_loss)."""
+  ce = ce_BxL
   weights = weights_BxL.astype(jnp.float32)
   sums = {"loss_sum": jnp.sum(ce * weights), "weight_sum": jnp.sum(weights)}
   for i, name in enumerate(OBJECTIVES):

@@ -18,7 +18,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cftjax import checkpoint as ckpt
 from cftjax import metrics as metrics_lib
-from cftjax import objectives, optim, sharding
+from cftjax import head_loss, objectives, optim, sharding
+from cftjax.evaluators import EvalContext
 from cftjax.data import pipeline
 from cftjax.data import sources as sources_lib
 from cftjax.data import tokenizer as tokenizer_lib
@@ -70,10 +71,16 @@ def init_state(model, tx, mesh, seed: int, layout: StateLayout, params=None):
 
 # ------------------------------------------------------------------------------ steps
 def _forward_sums(model, params, batch, num_sources: int):
-  logits, _ = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
-  return objectives.loss_sums(
-      logits, batch["targets"], batch["weights"], batch["objective_ids"], batch["source_ids"], num_sources
-  )
+  inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
+  cfg = model.config
+  if cfg.loss_chunk_size:  # never the whole [B, L, V] logits
+    hidden, _ = model.apply({"params": params}, *inputs, return_hidden=True)
+    ce = head_loss.chunked_token_cross_entropy(hidden, head_loss.head_kernel(params, cfg.tie_embeddings),
+                                               batch["targets"], cfg.loss_chunk_size, cfg.jnp_dtype)
+  else:
+    logits, _ = model.apply({"params": params}, *inputs)
+    ce = objectives.token_cross_entropy(logits, batch["targets"])
+  return objectives.token_loss_sums(ce, batch["weights"], batch["objective_ids"], batch["source_ids"], num_sources)
 
 
 def _split_micro_batches(batch, accum: int):
@@ -267,15 +274,8 @@ def _per_source(sources, means: dict, prefix: str) -> dict[str, float]:
   }
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequence[jax.Device] | None = None) -> RunResult:
-  """Trains (or resumes) per `config`, writing checkpoints and metrics under workdir.
-
-  `devices` (default: all) is what the mesh spans, e.g. one of several simulated devices.
-  """
-  workdir = Path(workdir)
-  writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
-  mesh = sharding.make_mesh(config.mesh, devices)
-  rows = sharding.batch_size_per_process(config.train.global_batch_size, mesh)
+def check_grad_accum(config: ml_collections.ConfigDict, mesh) -> int:
+  """train.grad_accum_steps, checked to divide the per-device batch."""
   accum = int(config.train.grad_accum_steps)
   per_device = config.train.global_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
   if accum < 1 or per_device % accum:
@@ -283,6 +283,22 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequenc
         f"config key train.grad_accum_steps={accum} must divide the per-device batch "
         f"{per_device} (train.global_batch_size / (mesh.data * mesh.fsdp))"
     )
+  return accum
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequence[jax.Device] | None = None,
+        evaluators: Sequence[Callable[[Any], dict]] = ()) -> RunResult:
+  """Trains (or resumes) per `config`, writing checkpoints and metrics under workdir.
+
+  `devices` (default: all) is what the mesh spans, e.g. one of several simulated devices.
+  `evaluators` (cftjax.evaluators) run at each evaluation with an EvalContext; their
+  metrics join the validation loss and may rank checkpoints (checkpoint.best_metric).
+  """
+  workdir = Path(workdir)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rows = sharding.batch_size_per_process(config.train.global_batch_size, mesh)
+  accum = check_grad_accum(config, mesh)
 
   prepared = sources_lib.prepare(config.data)
   tokenizer_path = sources_lib.tokenizer_path(config.data, prepared)
@@ -389,8 +405,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequenc
           flush()
           eval_metrics = _validation_loss(steps, state["params"], config, validation_sources, tokenizer_path,
                                           rows, mesh, num_sources)
-          if config.train.get("eval_generation_examples", 0) > 0:
-            eval_metrics.update(_generation_metrics(config, model, state["params"], tokenizer, mesh))
+          for evaluator in evaluators:
+            eval_metrics.update(evaluator(EvalContext(model, state["params"], config, tokenizer, mesh, step)))
           writer.write(step, eval_metrics)
           writer.console(f"step {step} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
         if step % config.train.log_every == 0:
@@ -414,20 +430,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequenc
     data_iter.close()  # stops worker processes (data.worker_count > 0)
     writer.close()
   return RunResult(step, last_metrics, workdir, stopped)
-
-
-def _generation_metrics(config, model, params, tokenizer, mesh) -> dict:
-  """Greedy answer and critique accuracy on a few demo validation problems."""
-  if config.data.source != "demo":
-    raise ValueError(
-        "config key train.eval_generation_examples > 0 needs data.source=demo; for other data "
-        "evaluate checkpoints with scripts/eval.py"
-    )
-  from cftjax import evaluate
-
-  return evaluate.demo_generation_metrics(model, params, config, tokenizer, mesh,
-                                          int(config.train.eval_generation_examples),
-                                          int(config.train.eval_generation_max_new_tokens))
 
 
 def _initial_params(config, model_config, layout: StateLayout, mesh, writer):

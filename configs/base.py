@@ -46,6 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Sliding-window attention (Mistral): each token sees at most this many tokens, itself
   # included. 0 = all earlier tokens. Set by HF import from config.json.
   model.sliding_window = 0
+  # Training loss over chunks of this many sequence positions (cftjax.head_loss): the
+  # lm-head logits exist for [rows per device, chunk, vocab] at a time, forward and
+  # backward, instead of the whole [rows, length, vocab] in float32. 0 = whole logits.
+  model.loss_chunk_size = 256
   # Initialise from an existing model: "" (random init), a Hugging Face model directory
   # (config.json + safetensors) or a cftjax checkpoint directory.
   model.init_from = ""
@@ -121,9 +125,15 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_batches = 4
   # Also a generation metric at each evaluation (greedy answer and critique accuracy on
   # this many demo validation problems; 0 = off). Usable with checkpoint.best_metric,
-  # e.g. "val_critique_accuracy" with best_mode "max".
+  # e.g. "val_critique_accuracy" with best_mode "max". The token limit below applies to
+  # every in-training generation (demo and eval_math_data).
   train.eval_generation_examples = 0
   train.eval_generation_max_new_tokens = 384
+  # Math benchmark accuracy at each evaluation, for any data source: comma-separated JSONL
+  # files (question/answer rows, as scripts/eval.py --task=math reads), each logged as
+  # val_<file stem>_accuracy (e.g. checkpoint.best_metric = "val_math500_accuracy", max).
+  train.eval_math_data = ""
+  train.eval_math_examples = 64  # First N problems of each file (0 = all).
 
   # ---------------------------------------------------------------- optimizer
   optim = config.optim = ml_collections.ConfigDict()

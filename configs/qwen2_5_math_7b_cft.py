@@ -1,6 +1,7 @@
 """The CFT paper's recipe: Qwen2.5-Math-7B, full fine-tune on WebInstruct-CFT 50K.
 
 lr 5e-6, cosine, warmup ratio 0.1, 1 epoch, global batch 512, max length 2048, bf16.
+Defaults fit a v4-32 slice (16 chips, 32 GiB each; see train.grad_accum_steps).
 
   python scripts/convert.py import --hf_dir=/path/to/Qwen2.5-Math-7B --out=models/qwen2_5_math_7b
   python scripts/prepare_data.py --input=WebInstruct-CFT-50K.json --format=webinstruct_cft \
@@ -51,7 +52,11 @@ def get_config():
 
   train = config.train
   train.global_batch_size = 512
-  train.grad_accum_steps = 1  # raise on small slices: e.g. 8 on a v4-32
+  # Sized for a v4-32 (16 chips x 32 GiB): 32 rows per chip in 32 micro-batches of one
+  # row. `scripts/train.py --config=... --dry_run --device_memory_gib=32` (16 simulated
+  # devices on CPU) puts the peak at 25.8 GiB per chip; at 8 micro-batches it is 60 GiB.
+  # Larger slices can lower it: check with --dry_run.
+  train.grad_accum_steps = 32
   train.num_steps = -1  # one epoch
   train.log_every = 1
   train.eval_every = 20
@@ -71,10 +76,13 @@ def get_config():
   mesh.fsdp = -1  # shard params, grads and Adam state over every chip
   mesh.tensor = 1
 
+  # Selection by MATH-500 needs the mid-run checkpoints (the best is often near the middle):
+  # one epoch of 50K examples at 512 per step is ~98 steps, so every_steps=20 saves 4 plus
+  # the last, and keep=8 keeps them all (~92 GB each with Adam state: see README). Score
+  # them afterwards with scripts/eval.py --steps=all, or keep the best N in training with
+  # train.eval_math_data=math500.jsonl, best_metric="val_math500_accuracy", best_mode="max".
   ckpt = config.checkpoint
   ckpt.every_steps = 20
-  ckpt.keep = 2
-  ckpt.best_metric = "val_loss"
-  ckpt.best_mode = "min"
-  ckpt.keep_best = 1
+  ckpt.keep = 8
+  ckpt.best_metric = ""
   return config

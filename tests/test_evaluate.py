@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cftjax import evaluate, train
+from cftjax import evaluate, evaluators, train
 from configs import demo
 
 TINY = {
@@ -95,7 +95,7 @@ def test_in_training_generation_metric_drives_best_checkpoint(tmp_path):
       "train.eval_generation_examples": 2, "train.eval_generation_max_new_tokens": 4,
       "checkpoint.best_metric": "val_critique_accuracy", "checkpoint.best_mode": "max", "checkpoint.keep_best": 1,
   })
-  train.run(config, tmp_path / "run", devices=jax.devices()[:1])
+  train.run(config, tmp_path / "run", devices=jax.devices()[:1], evaluators=evaluators.from_config(config))
   lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   generated = [l for l in lines if "val_critique_accuracy" in l]
   assert len(generated) == 4 and all(0.0 <= l["val_answer_accuracy"] <= 1.0 for l in generated)
