@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from cftjax import optim, sharding, train
 from cftjax.model import ModelConfig, Transformer
 from configs import base
+import float32_tolerance
 
 MODEL_CONFIG = ModelConfig(
     vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -89,43 +90,19 @@ def uneven_micro_batches(seed: int) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------ tolerances
-# Two layouts run the same float32 program except for the order of their sums: a sharded
-# contraction adds per-device partial sums, then all-reduces them; XLA may also vectorise a
-# reduction differently on another processor. Reordering a float32 sum of N terms changes it
-# by about EPS32 * sqrt(N) times the terms' magnitude (rounding errors add like a random
-# walk; Higham, "Accuracy and Stability of Numerical Algorithms", sec. 4.2). Everything
-# else (the optimizer's element-wise math, the schedule, the token counts) is exact.
-EPS32 = float(np.finfo(np.float32).eps)
-# The longest sum a gradient goes through: the token sum (every kernel's gradient adds one
-# outer product per token of the batch).
-LONGEST_SUM = ROWS * LENGTH
-# Sums in sequence each add their rounding: per layer the forward and backward pass of
-# attention and MLP (q/k/v/o, scores, softmax, gate/up/down, two norms), the head and the
-# loss: 16 per layer is an upper count for this model.
-CHAINED_SUMS = 16 * MODEL_CONFIG.num_layers + 4
-# Relative reordering error of any reduced quantity (loss, gradient leaf, grad norm).
-REORDER_RTOL = CHAINED_SUMS * EPS32 * np.sqrt(LONGEST_SUM)  # ~4.9e-5
+# Layouts differ only in the order of their float32 sums (tests/float32_tolerance.py);
+# the optimizer's element-wise math, the schedule and the token counts are exact.
+# The longest sum: a kernel's gradient adds one outer product per token of the batch.
+EPS32 = float32_tolerance.EPS32
+REORDER_RTOL = float32_tolerance.reorder_rtol(MODEL_CONFIG.num_layers, ROWS * LENGTH)  # ~4.9e-5
 
 
 def gradient_tolerance(grads_reference):
-  """Per leaf: REORDER_RTOL of the leaf's largest gradient.
-
-  Relative to the leaf, not the element: an element whose per-token terms cancel (a tiny
-  gradient) keeps the absolute rounding of the terms it was summed from.
-  """
-  return jax.tree.map(lambda g: REORDER_RTOL * float(np.max(np.abs(g))), grads_reference)
+  return float32_tolerance.gradient_tolerance(grads_reference, REORDER_RTOL)
 
 
 def assert_gradients_close(got, want, where: str):
-  assert jax.tree.structure(got) == jax.tree.structure(want), where
-  for (path, w), g, atol in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got),
-                                jax.tree.leaves(gradient_tolerance(want))):
-    key = jax.tree_util.keystr(path)
-    assert atol > 0, f"{where} {key}: no gradient reached this leaf"
-    # A sum of no non-zero terms (an embedding row of a token absent from the batch) is 0
-    # in any order.
-    np.testing.assert_array_equal(g[w == 0], 0.0, err_msg=f"{where} {key} (zero gradients)")
-    np.testing.assert_allclose(g, w, rtol=0, atol=atol, err_msg=f"{where} {key}")
+  float32_tolerance.assert_gradients_close(got, want, REORDER_RTOL, where)
 
 
 def assert_metrics_close(got: dict, want: dict, grads_want, where: str):
