@@ -198,9 +198,26 @@ def test_grouped_query_attention_equals_repeated_kv_heads(num_kv_heads):
   v = rng.standard_normal((2, 6, num_kv_heads, 8)).astype(np.float32)
   segments = jnp.asarray([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
   got, mask = packed_attention(q, k, v, segments)
-  np.testing.assert_allclose(got, reference_attention(q, k, v, np.asarray(mask)), rtol=1e-5, atol=1e-5)
+  tolerance = attention_reordering_tolerance(q, np.repeat(k, group, 2), np.repeat(v, group, 2))
+  np.testing.assert_allclose(got, reference_attention(q, k, v, np.asarray(mask)), rtol=0, atol=tolerance)
   repeated, _ = packed_attention(q, np.repeat(k, group, 2), np.repeat(v, group, 2), segments)
-  np.testing.assert_allclose(got, repeated, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got, repeated, rtol=0, atol=tolerance)
+
+
+def attention_reordering_tolerance(q, k, v):
+  """How far two float32 attentions that sum in different orders may differ.
+
+  A sum of n terms, reordered, moves by at most n * eps * sum|terms| (worst case). Scores
+  (sums over head_dim D, scaled by 1/sqrt(D)) move by ds <= D * eps * max sum_d |q_d k_d| / sqrt(D),
+  for each of the two sides; softmax turns that into sum_j |dp_j| <= 2 * max |ds|; the output
+  sum_j p_j v_j (L keys) adds L * eps * max|v| of its own. Twice the total covers the
+  exp/divide roundings of each side.
+  """
+  eps = float(np.finfo(np.float32).eps)
+  depth, length = q.shape[-1], k.shape[1]
+  magnitude = np.einsum("bqnh,bknh->bnqk", np.abs(q), np.abs(k)).max() / np.sqrt(depth)
+  score_error = 2 * depth * eps * magnitude
+  return 2 * float(np.abs(v).max()) * (2 * score_error + length * eps)
 
 
 def test_attention_rejects_bad_head_counts_and_unknown_impl():

@@ -20,6 +20,7 @@ import pytest
 from cftjax import objectives, sharding
 from cftjax.model import REMAT_POLICIES, ModelConfig, Transformer
 from configs import base
+import float32_tolerance
 from random_params import draw_params
 
 BASE = ModelConfig(
@@ -150,11 +151,11 @@ def test_remat_gives_the_same_loss_and_grads_as_no_remat(base_params, no_remat_l
   want_loss, want_grads = no_remat_loss_and_grads
   if not scan:
     want_grads = unstack_layers(want_grads)
-  np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
-  assert jax.tree.structure(grads) == jax.tree.structure(want_grads)
-  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
-    assert np.abs(want).max() > 0, jax.tree_util.keystr(path)  # every parameter gets a gradient
+  # Remat and scan recompute the same float32 ops, possibly grouped differently by XLA.
+  rtol = float32_tolerance.reorder_rtol(BASE.num_layers, BATCH * LENGTH)
+  np.testing.assert_allclose(loss, want_loss, rtol=rtol)
+  # Also asserts every parameter gets a gradient.
+  float32_tolerance.assert_gradients_close(grads, want_grads, rtol, f"remat={policy} scan={scan}")
 
 
 # ------------------------------------------------------------------------------ attention heads
