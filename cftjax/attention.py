@@ -20,12 +20,17 @@ from cftjax import sharding
 AttentionImpl = Literal["auto", "xla", "cudnn", "splash"]
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 SPLASH_MAX_BLOCK = 512  # splash kernel tile along the sequence (q and kv)
+# Query rows per block of XLA causal self-attention on CPU: each block scores only the keys
+# up to its last row, skipping the masked upper triangle, and its [rows, keys] scores stay
+# in cache. Accelerators take the whole row as one block.
+CPU_CAUSAL_BLOCK = 128
 
 
 @flax.struct.dataclass
 class CausalSegments:
   """Causal self-attention over packed rows, given by their segment ids [B, L] instead of a
-  dense mask: what kernels that build the mask tile by tile (splash) take."""
+  dense mask: what kernels that build the mask tile by tile take (splash, and XLA's blocked
+  causal attention)."""
 
   segment_ids_BxL: jax.Array
   window: int = flax.struct.field(pytree_node=False, default=0)  # 0: no sliding window
@@ -40,7 +45,7 @@ def self_attention_mask(segment_ids_BxL: jax.Array, impl: AttentionImpl,
                         window: int = 0) -> "jax.Array | CausalSegments":
   """The mask of causal self-attention (training, scoring) in the form `impl` takes."""
   segments = CausalSegments(segment_ids_BxL, window)
-  return segments if impl in ("splash", "auto") else segments.dense()
+  return segments if impl in ("splash", "auto", "xla") else segments.dense()
 
 
 def _splash_block(length: int) -> int:
@@ -81,6 +86,43 @@ def _xla_attention(q_BxQxNxH, k_BxKxMxH, v_BxKxMxH, mask_Bx1xQxK):
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxMxH.dtype)
   out = jnp.einsum("bmgqk,bkmh->bqmgh", probs, v_BxKxMxH)
   return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+def _causal_block(length: int) -> int:
+  return min(CPU_CAUSAL_BLOCK, length) if jax.default_backend() == "cpu" else length
+
+
+def _xla_causal_attention(q_BxLxNxH, k_BxLxMxH, v_BxLxMxH, segments: CausalSegments, block: int):
+  """Causal self-attention in blocks of `block` query rows, each against the keys from the
+  first its window can reach to its last row; the mask is built per block from segment ids.
+
+  Layouts put (batch, kv head) first and the contracted dimension last, so every dot is a
+  plain batched matmul and no [queries, keys]-sized tensor is transposed.
+  """
+  batch, length, num_heads, head_dim = q_BxLxNxH.shape
+  num_kv_heads = k_BxLxMxH.shape[2]
+  group = num_heads // num_kv_heads
+  window = segments.window
+  q_BxMxLxGxH = q_BxLxNxH.reshape(batch, length, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
+  k_BxMxLxH, v_BxMxLxH = k_BxLxMxH.transpose(0, 2, 1, 3), v_BxLxMxH.transpose(0, 2, 1, 3)
+  ids_BxL = segments.segment_ids_BxL
+  slots = jnp.arange(length, dtype=jnp.int32)
+  outs = []
+  for start in range(0, length, block):
+    end = min(start + block, length)
+    first = max(0, start - window + 1) if window else 0  # keys before `first` are outside every row's window
+    rows = end - start
+    q = q_BxMxLxGxH[:, :, start:end].reshape(batch, num_kv_heads, rows * group, head_dim)
+    k, v = k_BxMxLxH[:, :, first:end], v_BxMxLxH[:, :, first:end]
+    scores = jnp.einsum("bmqh,bmkh->bmqk", q, k, preferred_element_type=jnp.float32) * (head_dim**-0.5)
+    mask_BxQxK = attention_mask(ids_BxL[:, start:end], ids_BxL[:, first:end],
+                                jnp.broadcast_to(slots[start:end], (batch, rows)), slots[first:end], window)[:, 0]
+    scores = scores.reshape(batch, num_kv_heads, rows, group, end - first)
+    scores = jnp.where(mask_BxQxK[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(batch, num_kv_heads, rows * group, end - first)
+    outs.append(jnp.einsum("bmqk,bmkh->bmqh", probs, v).reshape(batch, num_kv_heads, rows, group, head_dim))
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+  return out.transpose(0, 2, 1, 3, 4).reshape(batch, length, num_heads, head_dim)
 
 
 def _splash_attention(q_BxLxNxH, k_BxLxMxH, v_BxLxMxH, segment_ids_BxL, window: int):
@@ -169,6 +211,9 @@ def dot_product_attention(
     if impl == "splash":
       return _splash_attention(q_BxQxNxH, k_BxKxMxH, v_BxKxMxH, mask_Bx1xQxK.segment_ids_BxL,
                                mask_Bx1xQxK.window)
+    if impl == "xla":
+      return _xla_causal_attention(q_BxQxNxH, k_BxKxMxH, v_BxKxMxH, mask_Bx1xQxK,
+                                   _causal_block(q_BxQxNxH.shape[1]))
     mask_Bx1xQxK = mask_Bx1xQxK.dense()
   if impl in ("xla", "splash"):
     return _xla_attention(q_BxQxNxH, k_BxKxMxH, v_BxKxMxH, mask_Bx1xQxK)

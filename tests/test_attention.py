@@ -351,3 +351,42 @@ def test_rope_matches_the_reference_and_depends_only_on_relative_position():
   shifted = np.asarray(rope(x, positions + 11, inv_freq))
   scores = np.einsum("bqnh,bknh->bnqk", got, got)
   np.testing.assert_allclose(np.einsum("bqnh,bknh->bnqk", shifted, shifted), scores, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads, length, block, window", [
+    (4, 2, 96, 32, 0), (3, 1, 100, 32, 0), (4, 4, 96, 96, 0), (4, 2, 96, 16, 24), (2, 1, 70, 32, 40)])
+def test_blocked_causal_attention_equals_dense_xla_attention(num_heads, num_kv_heads, length, block, window):
+  """Self-attention in query blocks (CPU) skips keys no row of a block may see; values and
+  gradients equal the dense-mask attention on packed rows, with GQA/MQA, a length that is not
+  a multiple of the block and sliding windows."""
+  rng = np.random.default_rng(length + block)
+  q = rng.standard_normal((3, length, num_heads, 16)).astype(np.float32)
+  k, v = (rng.standard_normal((3, length, num_kv_heads, 16)).astype(np.float32) for _ in range(2))
+  segments = packed_segments(3, length, seed=block)
+  cotangent = rng.standard_normal(q.shape).astype(np.float32)
+
+  def attend(blocked):
+    def f(q, k, v):
+      mask = attention.CausalSegments(jnp.asarray(segments), window)
+      return (attention._xla_causal_attention(q, k, v, mask, block) if blocked
+              else attention._xla_attention(q, k, v, mask.dense()))
+    grads = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * cotangent), argnums=(0, 1, 2))
+    return jax.jit(f)(q, k, v), jax.jit(grads)(q, k, v)
+
+  (want, want_grads), (got, got_grads) = attend(False), attend(True)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  for name, g, w in zip("qkv", got_grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"d{name}")
+
+
+def test_xla_self_attention_runs_in_blocks_on_cpu(monkeypatch):
+  """The model's xla path takes the segment ids, not a dense mask, and splits the queries into
+  CPU_CAUSAL_BLOCK rows on CPU (one block elsewhere)."""
+  monkeypatch.setattr(attention, "CPU_CAUSAL_BLOCK", 32)
+  mask = attention.self_attention_mask(jnp.ones((1, 96), jnp.int32), "xla")
+  assert isinstance(mask, attention.CausalSegments)
+  q = jnp.zeros((1, 96, 2, 8))
+  dots = lambda: str(jax.make_jaxpr(lambda q: attention.dot_product_attention(q, q, q, mask, "xla"))(q)).count("dot_general")
+  assert dots() == 2 * 3
+  monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+  assert dots() == 2
