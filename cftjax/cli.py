@@ -39,6 +39,19 @@ def train_main(config, workdir: str | None, config_filename: str) -> None:
   print(f"done: step {result.final_step}; checkpoints, metrics.jsonl and config.json in {result.workdir}")
 
 
+def experiment_main(config, workdir: str | None, config_filename: str) -> None:
+  from cftjax import train
+  from cftjax.experiment import runner
+
+  quiet_library_logs()
+  workdir = Path(workdir) if workdir else default_workdir(config_filename)
+  try:
+    runner.run_experiment(config, workdir)
+  except train.TrainingStopped as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
 def quiet_library_logs() -> None:
   """Library INFO logs (orbax, absl) would bury the progress lines users read."""
   from absl import logging
