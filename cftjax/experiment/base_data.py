@@ -23,8 +23,8 @@ VALIDATION_FRACTION = 0.02
 
 def base_pool_config(demo_config: demo_task.DemoConfig, num_problems: int, error_fraction: float) -> demo_task.DemoConfig:
   """A demo config whose train split is the arms' problems followed by `num_problems` more."""
-  if num_problems < 1:
-    raise ValueError(f"config key base.num_problems={num_problems} must be >= 1")
+  if num_problems < 2:
+    raise ValueError(f"config key base.num_problems={num_problems} must be >= 2 (train and validation rows)")
   return dataclasses.replace(demo_config, num_train=demo_config.num_train + num_problems, num_validation=0,
                              num_test=0, error_fraction=float(error_fraction))
 
@@ -53,10 +53,13 @@ def prepare_base_dataset(directory: str | Path, demo_config: demo_task.DemoConfi
   if info.is_file() and settings_path.is_file() and json.loads(settings_path.read_text()) == settings:
     return False
   directory.mkdir(parents=True, exist_ok=True)
-  rows = base_records(demo_config, num_problems, error_fraction)
-  jsonl = directory / "base_sft.jsonl"
-  demo_task.write_jsonl(jsonl, ({"query": r["query"], "response": r["response"]} for r in rows))
-  tfds_builder.build_dataset([jsonl], format="sft", name=DATASET_NAME, data_dir=directory,
-                             validation_fraction=VALIDATION_FRACTION, overwrite=True)
+  rows = [{"query": r["query"], "response": r["response"]} for r in base_records(demo_config, num_problems, error_fraction)]
+  # The pool's last rows are its validation split: never empty, so validation loss works.
+  num_validation = max(1, round(VALIDATION_FRACTION * len(rows)))
+  train_path, validation_path = directory / "base_sft.train.jsonl", directory / "base_sft.validation.jsonl"
+  demo_task.write_jsonl(train_path, rows[:-num_validation])
+  demo_task.write_jsonl(validation_path, rows[-num_validation:])
+  tfds_builder.build_dataset([train_path], format="sft", name=DATASET_NAME, data_dir=directory,
+                             validation_inputs=[validation_path], overwrite=True)
   files.write_json_atomically(settings_path, settings)
   return True

@@ -21,7 +21,10 @@ def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float
   z2_n = z * z / trials
   center = (p + z2_n / 2) / (1 + z2_n)
   half = z * math.sqrt(p * (1 - p) / trials + z2_n / (4 * trials)) / (1 + z2_n)
-  return max(0.0, center - half), min(1.0, center + half)
+  # At 0/n and n/n the bound is exactly 0 or 1; the formula leaves rounding noise there.
+  low = 0.0 if successes == 0 else max(0.0, center - half)
+  high = 1.0 if successes == trials else min(1.0, center + half)
+  return low, high
 
 
 def proportion(successes: int, trials: int) -> dict:
