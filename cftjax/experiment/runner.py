@@ -158,14 +158,16 @@ def train_stage(run: TrainingRun, devices) -> bool:
 
 def training_summary(run: TrainingRun) -> dict:
   """Steps, token slots, supervised tokens and final loss, from the run's metrics.jsonl."""
-  target_tokens, final_loss = 0.0, None
+  target_tokens, step_seconds, final_loss = 0.0, 0.0, None
   for line in (run.workdir / "metrics.jsonl").read_text().splitlines():
     entry = json.loads(line)
     if "loss" in entry and entry["step"] <= run.num_steps:
       target_tokens += entry.get("tokens_cft", 0.0) + entry.get("tokens_sft", 0.0)
+      step_seconds += entry.get("step_time", 0.0)
       final_loss = entry["loss"]
   return {"steps": run.num_steps, "token_budget": arms_lib.token_budget(run.config),
-          "target_tokens": target_tokens, "final_loss": final_loss, "mixture": run.config.data.mixture}
+          "target_tokens": target_tokens, "final_loss": final_loss, "mixture": run.config.data.mixture,
+          "step_seconds": step_seconds}
 
 
 def eval_settings(config: ml_collections.ConfigDict, run: TrainingRun) -> dict:
@@ -179,12 +181,14 @@ def eval_stage(config, run: TrainingRun, test_records, devices) -> bool:
   settings = eval_settings(config, run)
   if result_path.is_file() and json.loads(result_path.read_text()).get("settings") == settings:
     return False
+  started = time.perf_counter()
   rows, summary = evaluation.evaluate_checkpoint(
       run.workdir, test_records, settings["answer_max_new_tokens"], settings["critique_max_new_tokens"],
       int(config.evaluation.batch_size), progress=sys.stderr.isatty(), devices=devices)
   files.write_json_atomically(run.workdir / "eval_rows.json", rows)
   files.write_json_atomically(result_path, {"arm": run.arm, "seed": run.seed, "settings": settings,
-                                            "summary": summary, "train": training_summary(run)})
+                                            "summary": summary, "train": training_summary(run),
+                                            "eval_seconds": time.perf_counter() - started})
   return True
 
 
