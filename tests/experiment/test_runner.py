@@ -94,3 +94,29 @@ def test_tiny_experiment_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
   config.recipe.optim.learning_rate = 0.5
   with pytest.raises(ValueError, match=r"trained with another config \(differs in optim.learning_rate\)"):
     runner.run_experiment(config, workdir, ONE_DEVICE)
+
+
+def test_progress_names_the_stage_and_estimates_the_rest_from_timed_stages(monkeypatch):
+  import io
+
+  now = [0.0]
+  monkeypatch.setattr(runner.time, "perf_counter", lambda: now[0])
+
+  def takes(seconds, did_work=True):
+    def work():
+      now[0] += seconds
+      return did_work
+    return work
+
+  out = io.StringIO()
+  progress = runner.Progress([("train", "base", 10), ("eval", "base", 1), ("train", "sft seed 0", 20),
+                              ("eval", "sft seed 0", 1)], stream=out)
+  progress.run(0, takes(100.0))  # 10 steps in 100 s
+  progress.run(1, takes(30.0))  # one evaluation in 30 s
+  assert progress.eta_seconds() == (20 * 10.0 + 30.0, False)
+  progress.run(2, takes(0.0, did_work=False))  # found finished: costs nothing, leaves the rates alone
+  assert progress.eta_seconds() == (30.0, False)
+  lines = out.getvalue().splitlines()
+  assert "[experiment 1/4] train base (10 steps)" in lines[0] and "stages not yet timed" in lines[0]
+  assert "[experiment 3/4] train sft seed 0 (20 steps)" in lines[2] and "ETA 3.8 min" in lines[2]
+  assert lines[3].endswith("train sft seed 0: already finished, skipped")
