@@ -181,6 +181,19 @@ def dry_run_main(config, device_memory_gib: float | None = None) -> None:
     sys.exit(1)
 
 
+def experiment_main(config, workdir: str | None, config_filename: str) -> None:
+  from cftjax import train
+  from cftjax.experiment import runner
+
+  quiet_library_logs()
+  workdir = Path(workdir) if workdir else default_workdir(config_filename)
+  try:
+    runner.run_experiment(config, workdir)
+  except train.TrainingStopped as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
 def quiet_library_logs() -> None:
   """Library INFO logs (orbax, absl) would bury the progress lines users read."""
   from absl import logging

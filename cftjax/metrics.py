@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import tqdm
 
 # Peak dense bf16 FLOP/s per device, for MFU. Unknown devices (CPU) report no MFU.
 PEAK_FLOPS = {
@@ -60,6 +61,7 @@ class MetricsWriter:
     self.enabled = enabled
     self.path = Path(workdir) / "metrics.jsonl"
     self._tb = None
+    self._bar = None
     if enabled:
       self.path.parent.mkdir(parents=True, exist_ok=True)
       if tensorboard:
@@ -93,11 +95,32 @@ class MetricsWriter:
         if isinstance(v, (int, float)) and v is not None and math.isfinite(v):
           self._tb.add_scalar(k, v, step)
 
+  def start_progress(self, total: int, initial: int, enabled: bool = True) -> None:
+    """A bar of optimizer steps (rate, ETA) kept below the log lines, on a terminal only:
+    piped or CI logs get the log lines alone."""
+    if self.enabled and enabled and sys.stdout.isatty():
+      self._bar = tqdm.tqdm(total=total, initial=initial, unit="step", file=sys.stdout, dynamic_ncols=True,
+                            leave=False)
+
+  def advance(self, steps: int = 1, loss: float | None = None) -> None:
+    if self._bar is not None:
+      if loss is not None:
+        self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+      self._bar.update(steps)
+
   def console(self, line: str) -> None:
-    if self.enabled:
-      print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stdout, flush=True)
+    if not self.enabled:
+      return
+    line = f"[{time.strftime('%H:%M:%S')}] {line}"
+    if self._bar is not None:
+      self._bar.write(line, file=sys.stdout)  # clears the bar, prints, redraws it below
+    else:
+      print(line, file=sys.stdout, flush=True)
 
   def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
     if self._tb is not None:
       self._tb.flush()
       self._tb.close()

@@ -342,6 +342,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequenc
       f"batch {config.train.global_batch_size}x{config.data.max_length} | steps {start}->{num_steps}"
   )
 
+  writer.start_progress(num_steps, start, bool(config.train.get("progress_bar", True)))
   flops_per_token = metrics_lib.train_flops_per_token(model_config, config.data.max_length)
   validation_sources = None
   pending: list[tuple[int, Any, dict]] = []
@@ -396,6 +397,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequenc
           break
         state, device_metrics = steps.train(state, arrays)
         step += 1
+        writer.advance(1, last_metrics.get("loss"))
         window_tokens += host["nonpad_fraction"] * rows * config.data.max_length * jax.process_count()
         pending.append((step, device_metrics, host))
         eval_metrics = None

@@ -121,6 +121,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Optimizer steps. -1 = derive from data.num_epochs and the token count of the data.
   train.num_steps = -1
   train.log_every = 10
+  # A console progress bar (steps, rate, ETA) below the log lines; shown only when stdout
+  # is a terminal, so piped and CI logs stay plain.
+  train.progress_bar = True
   train.eval_every = 0  # Validation loss every N steps (0 = off).
   train.eval_batches = 4
   # Also a generation metric at each evaluation (greedy answer and critique accuracy on

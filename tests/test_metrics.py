@@ -1,7 +1,10 @@
 """Where metrics go (metrics.jsonl, TensorBoard, console) and the FLOP/MFU arithmetic."""
 
+import io
 import json
+import re
 import struct
+import sys
 
 import pytest
 
@@ -89,3 +92,34 @@ def test_flops_per_token_and_mfu(monkeypatch):
   assert metrics_lib.peak_flops_per_device(FakeDevice()) == 197e12  # not TPU v5p's 459e12
   monkeypatch.setattr(metrics_lib, "peak_flops_per_device", lambda device=None: 100e12)
   assert metrics_lib.mfu(1000.0, 1e10, 2) == pytest.approx(1000 * 1e10 / 200e12)
+
+
+class _Terminal(io.StringIO):
+  def isatty(self) -> bool:
+    return True
+
+
+def test_progress_bar_shows_steps_rate_and_eta_on_a_terminal(tmp_path, monkeypatch):
+  terminal = _Terminal()
+  monkeypatch.setattr(sys, "stdout", terminal)
+  writer = metrics_lib.MetricsWriter(tmp_path, tensorboard=False)
+  writer.start_progress(total=10, initial=2)  # resumed at step 2
+  writer.advance(3, loss=1.25)
+  writer.console("step 5/10 | loss 1.2500")
+  writer.close()
+  out = terminal.getvalue()
+  assert "step 5/10 | loss 1.2500\n" in out  # the log line stays whole, on its own line
+  # tqdm's bar: steps done/total, elapsed<remaining (the ETA), rate, last logged loss.
+  assert re.search(r"5/10 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+(?:k|M)?step/s, loss=1\.2500\]", out), out
+
+
+@pytest.mark.parametrize("terminal, enabled", [(False, True), (True, False)])
+def test_progress_bar_off_when_piped_or_disabled(tmp_path, monkeypatch, terminal, enabled):
+  stream = _Terminal() if terminal else io.StringIO()
+  monkeypatch.setattr(sys, "stdout", stream)
+  writer = metrics_lib.MetricsWriter(tmp_path, tensorboard=False)
+  writer.start_progress(total=10, initial=0, enabled=enabled)
+  writer.advance(4, loss=1.0)
+  writer.console("step 4/10")
+  writer.close()
+  assert re.fullmatch(r"\[\d\d:\d\d:\d\d\] step 4/10\n", stream.getvalue())

@@ -542,7 +542,7 @@ def read_jsonl(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def _config_json(config: DemoConfig) -> dict:
+def config_json(config: DemoConfig) -> dict:
     """The config as it reads back from JSON (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
@@ -576,7 +576,7 @@ def prepare_demo_data(data_dir: str | os.PathLike[str], config: DemoConfig) -> D
     files = [data.tokenizer_path, *data.cft_paths.values(), *data.sft_paths.values()]
     if manifest_path.is_file() and all(path.is_file() for path in files):
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if manifest.get("config") == _config_json(config):
+        if manifest.get("config") == config_json(config):
             return data
         raise ValueError(f"{manifest_path} was written for another config (cache key {key} collides)")
     directory.mkdir(parents=True, exist_ok=True)
@@ -590,7 +590,7 @@ def prepare_demo_data(data_dir: str | os.PathLike[str], config: DemoConfig) -> D
     train_sentencepiece(train_text, directory / "tokenizer", config.vocab_size)
     manifest = {
         "format_version": DATA_FORMAT_VERSION,
-        "config": _config_json(config),
+        "config": config_json(config),
         "files": sorted(path.name for path in files),
     }
     _write_atomically(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")

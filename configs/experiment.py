@@ -1,0 +1,36 @@
+"""The embedded experiment (scripts/experiment.py): the CFT paper in miniature.
+
+Every stage trains the recipe (configs/demo.py: model, optimizer, batch, schedule) and
+changes only its data and length, so the experiment follows the demo when the demo
+changes. Scale it with the same command, e.g. a larger model on an accelerator:
+  --config.recipe.model.hidden_size=512 --config.recipe.train.global_batch_size=64 ...
+Defaults are sized to finish within 60 minutes on 2 CPU cores.
+"""
+
+import ml_collections
+
+from configs import demo
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.recipe = demo.get_config()  # what every stage trains; override any key under recipe.
+
+  # Arms: "sft" (correct solutions), "cft:F" (critiques, a share F of them flawed),
+  # "mix:F" (CFT + SFT records of the same problems, 1:1).
+  config.arms = "sft,cft:0,cft:0.2,cft:0.4,mix:0.2"
+  config.seeds = "0,1"  # each arm runs once per seed (data order and RNG)
+  config.arm_steps = 150  # every arm: same steps x rows x length, same schedule
+
+  # The base every arm starts from: SFT on partly noisy solutions to problems no arm sees.
+  base = config.base = ml_collections.ConfigDict()
+  base.num_problems = 6000
+  base.error_fraction = 0.3  # share of its training solutions holding one error
+  base.num_steps = 200
+
+  evaluation = config.evaluation = ml_collections.ConfigDict()
+  evaluation.num_test = 200  # held-out test problems (the demo's test split), the same for every arm
+  evaluation.answer_max_new_tokens = 112  # a 5-step solution is at most ~95 tokens
+  evaluation.critique_max_new_tokens = 160  # a demo critique is at most ~142 tokens
+  evaluation.batch_size = 200  # prompts per generation batch
+  return config
