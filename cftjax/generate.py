@@ -177,6 +177,20 @@ def _is_eos(tokens_B: Array, eos_ids: tuple[int, ...]) -> Array:
 
 
 # ------------------------------------------------------------------------------ device program
+def unrolled_layers(model: Transformer, params: Any) -> tuple[Transformer, Any]:
+  """The model with its layers unrolled (scan_layers=False) and its params to match.
+
+  A scanned model slices every layer's weights out of the stacked params at each decode
+  step (a copy of all weights per token on CPU); unstacking once per call costs one copy.
+  """
+  if not model.config.scan_layers:
+    return model, params
+  unrolled = {name: value for name, value in params.items() if name != "layers"}
+  for i in range(model.config.num_layers):
+    unrolled[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+  return model.clone(config=dataclasses.replace(model.config, scan_layers=False)), unrolled
+
+
 def generate_tokens(
     params: Any,
     prompt_tokens_BxP: Array,
@@ -203,6 +217,7 @@ def generate_tokens(
     num_tokens_B: new tokens per row before its EOS (EOS itself not counted).
   """
   batch, prompt_len = prompt_tokens_BxP.shape
+  model, params = unrolled_layers(model, params)
   variables = {"params": params}
   prompt_lengths_B = prompt_lengths_B.astype(jnp.int32)
 

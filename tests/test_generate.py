@@ -276,3 +276,16 @@ def test_greedy_matches_transformers_generate(tmp_path):
       expected.append(out[0, len(prompt):].tolist())
   # One left-padded batch on our side (same shapes as the other tests: no new compile).
   assert gen.generate(Transformer(config), params, PROMPTS, settings(), progress=False) == expected
+
+
+def test_unrolled_layers_score_like_the_scanned_model():
+  """Decoding unrolls a scanned model's layers once per call; the unrolled model with the
+  unstacked params computes the scanned model's logits."""
+  model, params = init_params(tiny_config(scan_layers=True), seed=3)
+  unrolled, unrolled_params = gen.unrolled_layers(model, params)
+  assert not unrolled.config.scan_layers and "layers" not in unrolled_params
+  tokens = jnp.asarray(np.random.default_rng(0).integers(1, model.config.vocab_size, (2, 12)), jnp.int32)
+  positions, segments = jnp.broadcast_to(jnp.arange(12), (2, 12)), jnp.ones((2, 12), jnp.int32)
+  want, _ = model.apply({"params": params}, tokens, positions, segments)
+  got, _ = unrolled.apply({"params": unrolled_params}, tokens, positions, segments)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
