@@ -13,6 +13,8 @@ from configs import base
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = sorted((REPO / "cftjax").rglob("*.py")) + sorted((REPO / "scripts").glob("*.py"))
+TEST_SOURCES = sorted((REPO / "tests").rglob("*.py"))
+LOCAL_TEST_MODULES = {path.stem for path in TEST_SOURCES} | {"tests"}  # helpers the tests import
 CONFIG_READS = [
     re.compile(r"\bconfig\.(\w+)\.get\(\"(\w+)\""),  # config.data.get("x")
     re.compile(r"\b(data)(?:_config)?\.get\(\"(\w+)\""),  # data.get("x"), data_config.get("x")
@@ -48,8 +50,8 @@ def imported_modules(path: Path) -> set[str]:
 def test_every_imported_package_is_declared_and_every_declared_one_used():
   distributions = importlib.metadata.packages_distributions()
   imported = set()
-  for path in SOURCES:
-    for module in imported_modules(path):
+  for path in SOURCES + TEST_SOURCES:
+    for module in imported_modules(path) - LOCAL_TEST_MODULES:
       imported |= {d.lower().replace("_", "-") for d in distributions.get(module, [module])}
   declared = declared_distributions()
   assert imported - declared == set(), "imported but not declared in pyproject.toml"
