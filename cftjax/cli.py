@@ -250,19 +250,16 @@ def make_cft_data_main(flags) -> None:
   from cftjax import cft_data, evaluate
 
   quiet_library_logs()
-  try:
-    selection = cft_data.Selection(flags.policy, flags.flawed_share, flags.right_ratio, flags.dedupe, flags.seed)
-    teacher_prompt = flags.teacher_prompt
-    if teacher_prompt and teacher_prompt.startswith("@"):
-      teacher_prompt = Path(teacher_prompt[1:]).read_text(encoding="utf-8")
-    if teacher_prompt:
-      cft_data.check_teacher_prompt(teacher_prompt)
-    problems = cft_data.load_problems(flags.problems, flags.limit)
-    student = evaluate.load(flags.student)
-    same = Path(flags.teacher).resolve() == Path(flags.student).resolve()
-    teacher = student if same else evaluate.load(flags.teacher)
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+  selection = cft_data.Selection(flags.policy, flags.flawed_share, flags.right_ratio, flags.dedupe, flags.seed)
+  teacher_prompt = flags.teacher_prompt
+  if teacher_prompt and teacher_prompt.startswith("@"):
+    teacher_prompt = Path(teacher_prompt[1:]).read_text(encoding="utf-8")
+  if teacher_prompt:
+    cft_data.check_teacher_prompt(teacher_prompt)
+  problems = cft_data.load_problems(flags.problems, flags.limit)
+  student = evaluate.load(flags.student)
+  same = Path(flags.teacher).resolve() == Path(flags.student).resolve()
+  teacher = student if same else evaluate.load(flags.teacher)
   print(f"{len(problems)} problems from {flags.problems}; {flags.samples} samples each; "
         f"teacher {'= student' if same else flags.teacher}")
   teacher_max_new = flags.teacher_max_new_tokens or flags.max_new_tokens
@@ -274,11 +271,8 @@ def make_cft_data_main(flags) -> None:
               "teacher_max_new_tokens": teacher_max_new, "temperature": flags.temperature, "top_p": flags.top_p,
               "teacher_temperature": flags.teacher_temperature, "teacher_prompt": teacher_prompt or None}
   per_batch = max(1, flags.batch_size // flags.samples)
-  try:
-    summary = cft_data.make_cft_data(problems, sampler, critic, flags.out, flags.samples, selection, settings,
-                                     flags.seed, per_batch)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  summary = cft_data.make_cft_data(problems, sampler, critic, flags.out, flags.samples, selection, settings,
+                                   flags.seed, per_batch)
   print(json.dumps(summary, indent=2))
   print(f"wrote {summary['rows_kept']} rows to {flags.out}; summary in {cft_data.summary_path(flags.out)}")
 

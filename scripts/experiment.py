@@ -9,12 +9,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # configs/ imports `configs.demo`
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from cftjax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/experiment.py", "Experiment config file.")
+_CONFIG = cli.define_config_file("config", "configs/experiment.py", "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Experiment directory; default runs/<config file stem>.")
 
 
@@ -24,4 +23,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
