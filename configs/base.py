@@ -113,6 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
   demo.max_multiplier = 9
   demo.error_kinds = "arithmetic,operand"
   demo.arithmetic_slips = "-10,-3,-2,-1,1,2,3,10"
+  demo.drill_lines = 12  # Equations per demo_drill (arithmetic practice) record.
 
   # ---------------------------------------------------------------- training
   train = config.train = ml_collections.ConfigDict()

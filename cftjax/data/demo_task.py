@@ -10,7 +10,7 @@ right or wrong, stays in [0, 1000) so numbers tokenize in at most three digits.
   solution: "Step 1: 17 + 5 = 22\\nStep 2: 22 * 3 = 66\\nStep 3: 66 - 8 = 58\\nThe answer is 58."
 
 A CFT record critiques a noisy response: with probability `error_fraction` the response holds
-exactly one injected error (a wrong result, or a wrong operand) and later steps carry the
+exactly one injected error (a wrong result, a misread operand or a miscopied previous value) and later steps carry the
 wrong value forward with correct arithmetic, so its final answer is wrong. The critique
 checks each step up to the first wrong one, gives that step's correct value, states the
 correct final answer and ends with "Conclusion: right" / "Conclusion: wrong". Like the
@@ -43,12 +43,15 @@ SPLITS = ("train", "validation", "test")
 # Percent buckets [low, high) of the hashed problem space owned by each split.
 _SPLIT_BUCKET_BOUNDS = {"train": (0, 90), "validation": (90, 95), "test": (95, 100)}
 MAX_VALUE = 1000  # the default bound: every value in a query, response or critique stays below it
-ERROR_KINDS = ("arithmetic", "operand")
+# arithmetic: a result off by a slip; operand: the question's operand misread (by 1-2);
+# carried: a step starts from the previous result miscopied (by a slip).
+ERROR_KINDS = ("arithmetic", "operand", "carried")
 _OPERAND_SLIPS = (-2, -1, 1, 2)
 _PHRASES = {"+": "add", "-": "subtract", "*": "multiply by"}
 _OPS_BY_PHRASE = {phrase: op for op, phrase in _PHRASES.items()}
 # Bump when the generated text or file layout changes, so old caches are not reused.
-DATA_FORMAT_VERSION = 2
+DATA_FORMAT_VERSION = 3
+DRILL_QUERY = "Practice: work out each line."
 # The CFT paper's instruction; fed to tokenizer training so the prompt tokenizes compactly.
 
 
@@ -76,6 +79,8 @@ class DemoConfig:
     max_multiplier: int = 9
     error_kinds: tuple[str, ...] = ERROR_KINDS
     arithmetic_slips: tuple[int, ...] = (-10, -3, -2, -1, 1, 2, 3, 10)
+    # Equations per arithmetic practice record (`drill_records`).
+    drill_lines: int = 12
 
     def __post_init__(self) -> None:
         for name in ("num_train", "num_validation", "num_test"):
@@ -94,6 +99,8 @@ class DemoConfig:
                 f"DemoConfig needs max(2, min_value) <= max_start < max_value, got min_value={self.min_value}, "
                 f"max_start={self.max_start}, max_value={self.max_value}"
             )
+        if self.drill_lines < 1:
+            raise ValueError(f"DemoConfig.drill_lines must be >= 1, got {self.drill_lines}")
         if self.max_add_operand < 1:
             raise ValueError(f"DemoConfig.max_add_operand must be >= 1, got {self.max_add_operand}")
         if not self.error_kinds or set(self.error_kinds) - set(ERROR_KINDS):
@@ -161,14 +168,16 @@ class DemoData:
     tokenizer_path: Path
     cft_paths: Mapping[str, Path]  # split -> JSONL of CFT records
     sft_paths: Mapping[str, Path]  # split -> JSONL of SFT records for the same problems
+    drill_paths: Mapping[str, Path]  # split -> JSONL of arithmetic practice records
     built: bool  # False when an existing cache was reused
 
-    def records(self, split: str, objective: str = "cft") -> list[dict[str, str]]:
+    def records(self, split: str, kind: str = "cft") -> list[dict[str, str]]:
+        """One split's records of one kind: "cft", "sft" (both per problem) or "drill"."""
         _check_split(split)
-        paths = {"cft": self.cft_paths, "sft": self.sft_paths}
-        if objective not in paths:
-            raise ValueError(f"objective must be 'cft' or 'sft', got {objective!r}")
-        return read_jsonl(paths[objective][split])
+        paths = {"cft": self.cft_paths, "sft": self.sft_paths, "drill": self.drill_paths}
+        if kind not in paths:
+            raise ValueError(f"demo record kind must be one of {sorted(paths)}, got {kind!r}")
+        return read_jsonl(paths[kind][split])
 
     def tokenizer(self) -> SentencePieceTokenizer:
         return SentencePieceTokenizer(self.tokenizer_path)
@@ -202,22 +211,26 @@ def _uniform_int(rng: random.Random, low: int, high: int) -> int:
     return low + int(rng.random() * (high - low + 1))
 
 
+def _sample_operation(rng: random.Random, value: int, config: DemoConfig) -> tuple[str, int]:
+    """An (op, operand) whose result from `value` stays in [min_value, max_value)."""
+    top = config.max_value
+    feasible = "+" if value + 1 < top else ""
+    if value - 1 >= config.min_value:
+        feasible += "-*" if value * 2 < top and config.max_multiplier >= 2 else "-"
+    op = feasible[int(rng.random() * len(feasible))]
+    if op == "+":
+        return op, _uniform_int(rng, 1, min(config.max_add_operand, top - 1 - value))
+    if op == "-":
+        return op, _uniform_int(rng, 1, min(config.max_add_operand, value - config.min_value))
+    return op, _uniform_int(rng, 2, min(config.max_multiplier, (top - 1) // value))
+
+
 def _sample_problem(rng: random.Random, config: DemoConfig) -> Problem:
     value = _uniform_int(rng, max(2, config.min_value), config.max_start)
     start = value
     operations = []
-    top = config.max_value
     for _ in range(_uniform_int(rng, config.min_steps, config.max_steps)):
-        feasible = "+" if value + 1 < top else ""
-        if value - 1 >= config.min_value:
-            feasible += "-*" if value * 2 < top and config.max_multiplier >= 2 else "-"
-        op = feasible[int(rng.random() * len(feasible))]
-        if op == "+":
-            operand = _uniform_int(rng, 1, min(config.max_add_operand, top - 1 - value))
-        elif op == "-":
-            operand = _uniform_int(rng, 1, min(config.max_add_operand, value - config.min_value))
-        else:
-            operand = _uniform_int(rng, 2, min(config.max_multiplier, (top - 1) // value))
+        op, operand = _sample_operation(rng, value, config)
         operations.append((op, operand))
         value = _apply(op, value, operand)
     return Problem(start, tuple(operations))
@@ -282,8 +295,14 @@ def _inject_error(
     for _ in range(max_tries):
         index = rng.randrange(len(correct))
         step = correct[index]
-        if rng.choice(config.error_kinds) == "arithmetic":
+        kind = rng.choice(config.error_kinds)
+        if kind == "arithmetic":
             wrong = dataclasses.replace(step, result=step.result + rng.choice(config.arithmetic_slips))
+        elif kind == "carried":
+            left = step.left + rng.choice(config.arithmetic_slips)
+            if index == 0 or not _in_range(left, config):
+                continue
+            wrong = dataclasses.replace(step, left=left, result=_apply(step.op, left, step.operand))
         else:
             operand = step.operand + rng.choice(_OPERAND_SLIPS)
             if operand < (2 if step.op == "*" else 1):
@@ -312,12 +331,15 @@ def _first_wrong_step(problem: Problem, steps: Sequence[Step]) -> int | None:
 
 
 def _correction(problem: Problem, step: Step, index: int) -> str:
-    """The wrong step recomputed from its (correct) left side and the question's operation."""
+    """The first wrong step recomputed from the previous step's value and the question's operation."""
     op, operand = problem.operations[index]
-    correct = _apply(op, step.left, operand)
+    left = problem.values[index]
+    correct = _apply(op, left, operand)
+    if step.left != left:
+        return f"step {index} gave {left}, so {left} {op} {operand} = {correct}"
     if step.operand != operand:
-        return f"the question says {_PHRASES[op]} {operand}, so {step.left} {op} {operand} = {correct}"
-    return f"{step.left} {op} {operand} = {correct}"
+        return f"the question says {_PHRASES[op]} {operand}, so {left} {op} {operand} = {correct}"
+    return f"{left} {op} {operand} = {correct}"
 
 
 def _critique_lines(steps: Sequence[Step], wrong_index: int | None, correction: str) -> list[str]:
@@ -502,6 +524,38 @@ def sft_records(cft_records: Iterable[Mapping[str, str]]) -> list[dict[str, str]
     return records
 
 
+def drill_records(config: DemoConfig, split: str) -> list[dict[str, str]]:
+    """Arithmetic practice, the demo's stand-in for a pretrained base's arithmetic.
+
+    Each SFT record asks for `drill_lines` single operations drawn like a problem's steps
+    ("43 - 9 = 34"), one per line. They teach the arithmetic a critique must redo to catch a
+    wrong step: the critique data alone carries that signal only on the ~20% of checked steps
+    that are wrong (everywhere else copying the response is right). The records hold
+    equations, not problems, so the problem splits stay disjoint.
+    """
+    _check_split(split)
+    rng = random.Random(f"cftjax-demo:{config.seed}:{split}:drill")
+    records = []
+    for _ in range(config.split_size(split)):
+        lines = []
+        for _ in range(config.drill_lines):
+            left = _uniform_int(rng, max(2, config.min_value), config.max_value - 1)
+            op, operand = _sample_operation(rng, left, config)
+            lines.append(Step(left, op, operand, _apply(op, left, operand)).equation())
+        records.append({
+            "objective": "sft",
+            "query": DRILL_QUERY,
+            "response": "\n".join(lines),
+            "critique": "",
+            "system": "",
+            "history": "[]",
+            "answer": "",
+            "label": "",
+            "critique_flawed": "",
+        })
+    return records
+
+
 def demo_corpus_text(records: Iterable[Mapping[str, str]]) -> Iterator[str]:
     """Texts to train the demo tokenizer on: what the model will read and write.
 
@@ -556,7 +610,7 @@ def prepare_demo_data(data_dir: str | os.PathLike[str], config: DemoConfig) -> D
     """Generate the demo splits and train the demo tokenizer once; reuse them afterwards.
 
     Files go to `data_dir/demo-<hash of config>/`: `{split}.cft.jsonl`, `{split}.sft.jsonl`,
-    `tokenizer.model` and, written last, `manifest.json`. A directory with a manifest and all
+    `{split}.drill.jsonl`, `tokenizer.model` and, written last, `manifest.json`. A directory with a manifest and all
     its files is complete and is reused; a different config gets its own directory. Every file is
     written atomically, so concurrent hosts building the same config cannot leave a torn file.
     """
@@ -570,10 +624,11 @@ def prepare_demo_data(data_dir: str | os.PathLike[str], config: DemoConfig) -> D
         tokenizer_path=directory / "tokenizer.model",
         cft_paths={split: directory / f"{split}.cft.jsonl" for split in SPLITS},
         sft_paths={split: directory / f"{split}.sft.jsonl" for split in SPLITS},
+        drill_paths={split: directory / f"{split}.drill.jsonl" for split in SPLITS},
         built=False,
     )
     manifest_path = directory / "manifest.json"
-    files = [data.tokenizer_path, *data.cft_paths.values(), *data.sft_paths.values()]
+    files = [data.tokenizer_path, *data.cft_paths.values(), *data.sft_paths.values(), *data.drill_paths.values()]
     if manifest_path.is_file() and all(path.is_file() for path in files):
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         if manifest.get("config") == config_json(config):
@@ -583,10 +638,12 @@ def prepare_demo_data(data_dir: str | os.PathLike[str], config: DemoConfig) -> D
     train_text: list[str] = []
     for split, cft in generate_splits(config).items():
         sft = sft_records(cft)
+        drill = drill_records(config, split)
         write_jsonl(data.cft_paths[split], cft)
         write_jsonl(data.sft_paths[split], sft)
+        write_jsonl(data.drill_paths[split], drill)
         if split == "train":
-            train_text = list(demo_corpus_text(cft + sft))
+            train_text = list(demo_corpus_text(cft + sft + drill))
     train_sentencepiece(train_text, directory / "tokenizer", config.vocab_size)
     manifest = {
         "format_version": DATA_FORMAT_VERSION,

@@ -2,7 +2,7 @@
 
 `data.mixture` lists sources with sampling weights, "name:weight[,name:weight]". With
 `data.source=demo` the names are `demo_cft` and `demo_sft` (the embedded task's CFT and
-SFT views of the same problems); with `data.source=tfds` they are datasets written by
+SFT views of the same problems) and `demo_drill` (arithmetic practice); with `data.source=tfds` they are datasets written by
 `scripts/prepare_data.py` into `data.data_dir`.
 """
 
@@ -10,7 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
-DEMO_SOURCES = ("demo_cft", "demo_sft")
+DEMO_SOURCES = ("demo_cft", "demo_sft", "demo_drill")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +58,7 @@ def demo_config(data_config: Any):
       min_value=d.min_value, max_value=d.max_value, max_start=d.max_start, max_add_operand=d.max_add_operand,
       max_multiplier=d.max_multiplier, error_kinds=_names(d.error_kinds, "data.demo.error_kinds"),
       arithmetic_slips=tuple(int(x) for x in _names(d.arithmetic_slips, "data.demo.arithmetic_slips")),
+      drill_lines=d.drill_lines,
   )
 
 

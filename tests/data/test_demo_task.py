@@ -119,8 +119,12 @@ def test_noisy_responses_carry_one_error_that_propagates_consistently(splits):
                 continue
             assert wrong is not None and steps[-1][3] != values[-1]  # the error changes the answer
             left, op, operand, result = steps[wrong]
-            assert left == values[wrong] and op == operations[wrong][0]
-            if operand == operations[wrong][1]:
+            assert op == operations[wrong][0]
+            if left != values[wrong]:  # miscopied from the previous (right) step
+                kinds.add("carried")
+                assert wrong > 0 and left != steps[wrong - 1][3] and operand == operations[wrong][1]
+                assert result == OPS[op](left, operand)
+            elif operand == operations[wrong][1]:
                 kinds.add("arithmetic")
                 assert result != OPS[op](left, operand)
             else:
@@ -132,7 +136,7 @@ def test_noisy_responses_carry_one_error_that_propagates_consistently(splits):
                 assert (left, op, operand) == (previous, *operations[index])
                 assert result == OPS[op](left, operand)
                 previous = result
-    assert kinds == {"arithmetic", "operand"}
+    assert kinds == {"arithmetic", "operand", "carried"}
 
 
 def test_error_fraction_controls_labels():
@@ -173,7 +177,7 @@ def test_faithful_critiques_name_the_first_wrong_step_and_the_true_answer(splits
             if wrong is not None:
                 left, op, operand, result = steps[wrong]
                 true_operand = _query_operations(record["query"])[1][wrong][1]
-                recomputed = f"{left} {op} {true_operand} = {values[wrong + 1]}, not {result}, so it is wrong."
+                recomputed = f"{values[wrong]} {op} {true_operand} = {values[wrong + 1]}, not {result}, so it is wrong."
                 assert lines[wrong].startswith(f"Step {wrong + 1}: ") and lines[wrong].endswith(recomputed)
 
 
@@ -298,3 +302,32 @@ def test_difficulty_knob_errors_name_the_field():
         DemoConfig(error_kinds=("typo",))
     with pytest.raises(ValueError, match="arithmetic_slips"):
         DemoConfig(arithmetic_slips=(0, 1))
+
+
+def test_drill_records_are_correct_single_operations_in_range():
+    drills = demo_task.drill_records(dataclasses.replace(EASY, drill_lines=7), "validation")
+    assert len(drills) == EASY.num_validation
+    assert drills == demo_task.drill_records(dataclasses.replace(EASY, drill_lines=7), "validation")
+    assert drills != demo_task.drill_records(dataclasses.replace(EASY, drill_lines=7), "test")
+    seen_ops = set()
+    for record in drills:
+        assert set(record) == CANONICAL_KEYS | {"critique_flawed"}
+        assert (record["objective"], record["query"], record["label"]) == ("sft", demo_task.DRILL_QUERY, "")
+        lines = record["response"].split("\n")
+        assert len(lines) == 7
+        for line in lines:
+            left, op, operand, result = re.fullmatch(r"(\d+) ([-+*]) (\d+) = (\d+)", line).groups()
+            assert int(result) == OPS[op](int(left), int(operand))
+            assert 1 <= int(operand) <= 9 and all(10 <= int(v) < 100 for v in (left, result))
+            seen_ops.add(op)
+    assert seen_ops == {"+", "-"}
+    with pytest.raises(ValueError, match="drill_lines"):
+        DemoConfig(drill_lines=0)
+
+
+def test_prepare_demo_data_writes_drills_beside_the_problems(tmp_path):
+    data = prepare_demo_data(tmp_path, CONFIG)
+    for split in SPLITS:
+        assert data.records(split, "drill") == demo_task.drill_records(CONFIG, split)
+    with pytest.raises(ValueError, match="record kind"):
+        data.records("train", "rl")
