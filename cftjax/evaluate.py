@@ -127,7 +127,21 @@ def run_demo(loaded: LoadedModel, sampling: SamplingConfig, batch_size: int, lim
                            sampling, batch_size, progress)
   critiques, critique_summary = critique_rows(critique_examples, critique_out)
   summary = {"answer_accuracy": answer_summary["accuracy"], **{f"critique_{k}": v for k, v in critique_summary.items()}}
+  summary.update(demo_verdicts_by_error_kind(records, critiques))
   return {"answers": answers, "critiques": critiques}, summary
+
+
+def demo_verdicts_by_error_kind(records: Sequence[dict], critiques: Sequence[dict]) -> dict[str, float]:
+  """Share of right verdicts per kind of response: right ones accepted, and wrong ones
+  caught per kind of their first error (what the critic can and cannot check)."""
+  from cftjax.data import demo_task
+
+  hits: dict[str, list[bool]] = {}
+  for record, row in zip(records, critiques):
+    kind = demo_task.error_kind(record["query"], record["response"]) or "right"
+    hits.setdefault(kind, []).append(bool(row["correct"]))
+  order = ["right", *demo_task.ERROR_KINDS]
+  return {f"critique_accuracy_{kind}": sum(hits[kind]) / len(hits[kind]) for kind in order if kind in hits}
 
 
 def sampled_answer_rows(examples: Sequence[dict], outputs: Sequence[Sequence[str]]) -> tuple[list[dict], dict]:

@@ -35,7 +35,7 @@ def get_config():
   demo = data.demo
   demo.min_value, demo.max_value, demo.max_start = 10, 100, 90
   demo.max_add_operand, demo.max_multiplier = 9, 0
-  demo.error_kinds, demo.arithmetic_slips = "arithmetic", "-2,-1,1,2"
+  demo.error_kinds, demo.arithmetic_slips = "arithmetic,operand,carried", "-2,-1,1,2"
   demo.min_steps, demo.max_steps = 2, 3
 
   train = config.train

@@ -80,6 +80,14 @@ def test_scoring_rows_uses_verdicts_and_answers():
   )
   assert [r["correct"] for r in critiques] == [True, False, False]
   assert scores["tp"] == 1 and scores["fp"] == 1 and scores["unparsed"] == 1
+  by_kind = evaluate.demo_verdicts_by_error_kind(
+      [{"query": "Start with 12. Add 3, then subtract 4. What is the result?", "response": response}
+       for response in ("Step 1: 12 + 3 = 16\nStep 2: 16 - 4 = 12\nThe answer is 12.",
+                        "Step 1: 12 + 3 = 15\nStep 2: 15 - 4 = 11\nThe answer is 11.",
+                        "Step 1: 12 + 3 = 15\nStep 2: 17 - 4 = 13\nThe answer is 13.")],
+      critiques)
+  assert by_kind == {"critique_accuracy_right": 0.0, "critique_accuracy_arithmetic": 1.0,
+                     "critique_accuracy_carried": 0.0}
   answers, summary = evaluate.answer_rows(
       [{"answer": "58"}, {"answer": "7"}], ["Step 1: ...\nThe answer is 58.", "I think \\boxed{8}"]
   )

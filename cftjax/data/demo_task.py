@@ -50,7 +50,7 @@ _OPERAND_SLIPS = (-2, -1, 1, 2)
 _PHRASES = {"+": "add", "-": "subtract", "*": "multiply by"}
 _OPS_BY_PHRASE = {phrase: op for op, phrase in _PHRASES.items()}
 # Bump when the generated text or file layout changes, so old caches are not reused.
-DATA_FORMAT_VERSION = 3
+DATA_FORMAT_VERSION = 4
 DRILL_QUERY = "Practice: work out each line."
 # The CFT paper's instruction; fed to tokenizer training so the prompt tokenizes compactly.
 
@@ -330,42 +330,101 @@ def _first_wrong_step(problem: Problem, steps: Sequence[Step]) -> int | None:
     return None
 
 
-def _correction(problem: Problem, step: Step, index: int) -> str:
-    """The first wrong step recomputed from the previous step's value and the question's operation."""
+_STEP_RE = re.compile(r"Step \d+: (\d+) ([-+*]) (\d+) = (\d+)")
+
+
+def error_kind(query: str, response: str) -> str | None:
+    """The kind of the first wrong step of a demo response ("arithmetic", "operand",
+    "carried"), or None when every step is right. Raises ValueError naming a line it cannot read."""
+    problem = parse_query(query)
+    steps = []
+    for line in response.split("\n")[: len(problem.operations)]:
+        match = _STEP_RE.fullmatch(line)
+        if match is None:
+            raise ValueError(f"not a demo solution line: {line!r}")
+        left, op, operand, result = match.groups()
+        steps.append(Step(int(left), op, int(operand), int(result)))
+    index = _first_wrong_step(problem, steps)
+    if index is None:
+        return None
+    step = steps[index]
+    if step.left != problem.values[index]:
+        return "carried"
+    return "operand" if step.operand != problem.operations[index][1] else "arithmetic"
+
+
+def _correction(problem: Problem, index: int) -> str:
+    """Step `index` as it should read: the previous step's value and the question's operation."""
     op, operand = problem.operations[index]
     left = problem.values[index]
-    correct = _apply(op, left, operand)
-    if step.left != left:
-        return f"step {index} gave {left}, so {left} {op} {operand} = {correct}"
-    if step.operand != operand:
-        return f"the question says {_PHRASES[op]} {operand}, so {left} {op} {operand} = {correct}"
-    return f"{left} {op} {operand} = {correct}"
+    return f"{left} {op} {operand} = {_apply(op, left, operand)}"
 
 
-def _critique_lines(steps: Sequence[Step], wrong_index: int | None, correction: str) -> list[str]:
-    """Each step up to the first wrong one: accepted as written, or recomputed and rejected.
+def _check_line(number: int, step: Step, input_text: str, input_value: int,
+                asked: tuple[str, int], computed: int) -> tuple[str, bool]:
+    """One step's check: its input against where it comes from, its operation against the
+    question, its result against the recomputed one, each ending "ok" or "wrong" and stopping
+    at the first wrong. Each check states the source first and the written value right after
+    it, so every verdict compares two values a few tokens apart, and the source is fetched
+    from the question or the previous check, never from the same step's written line."""
+    checks = (
+        (f"Input: {input_text} {input_value}, written {step.left}", step.left == input_value),
+        (f"Operation: the question says {_PHRASES[asked[0]]} {asked[1]}, written {step.op} {step.operand}",
+         (step.op, step.operand) == asked),
+        (f"Result: {step.left} {step.op} {step.operand} makes {computed}, written {step.result}", step.result == computed),
+    )
+    parts = []
+    for text, ok in checks:
+        parts.append(f"{text}: {'ok' if ok else 'wrong'}.")
+        if not ok:
+            break
+    return f"Step {number}. " + " ".join(parts), ok
 
-    A rejected step states its recomputed value before the written one ("12 + 7 = 19, not
-    18"), so the critique computes every result it disputes instead of copying it.
+
+def _input_source(problem: Problem, steps: Sequence[Step], index: int) -> tuple[str, int]:
+    if index == 0:
+        return "the question starts with", problem.start
+    return f"step {index} gave", steps[index - 1].result
+
+
+def _critique_lines(problem: Problem, steps: Sequence[Step], believed: bool = False,
+                    claimed: tuple[int, int] | None = None) -> tuple[list[str], int | None]:
+    """Check lines up to the first wrong step, and that step's index (None: all accepted).
+
+    Faithful by default. `believed`: a careless critic that takes every written number as
+    its source (it waves any response through). `claimed=(index, value)`: a critic that
+    miscomputes step `index` as `value`.
     """
     lines = []
     for index, step in enumerate(steps):
-        number = index + 1
-        if wrong_index is None or index < wrong_index:
-            lines.append(f"Step {number}: {step.equation()} is correct.")
+        if believed:
+            input_text, input_value = _input_source(problem, steps, index)[0], step.left
+            asked, computed = (step.op, step.operand), step.result
         else:
-            lines.append(f"Step {number}: {correction}, not {step.result}, so it is wrong.")
-            if number < len(steps):
-                lines.append(f"Steps after step {number} build on the wrong value.")
-            break
+            input_text, input_value = _input_source(problem, steps, index)
+            asked = problem.operations[index]
+            computed = _apply(step.op, step.left, step.operand)
+            if claimed is not None and claimed[0] == index:
+                computed = claimed[1]
+        line, ok = _check_line(index + 1, step, input_text, input_value, asked, computed)
+        lines.append(line)
+        if not ok:
+            return lines, index
+    return lines, None
+
+
+def _rejection_lines(number: int, should_read: str, num_steps: int) -> list[str]:
+    lines = [f"So step {number} should be {should_read}."]
+    if number < num_steps:
+        lines.append(f"Steps after step {number} build on the wrong value.")
     return lines
 
 
 def critique_text(problem: Problem, steps: Sequence[Step]) -> str:
     """A faithful critique: checks steps up to the first wrong one, gives the right answer."""
-    wrong_index = _first_wrong_step(problem, steps)
-    correction = "" if wrong_index is None else _correction(problem, steps[wrong_index], wrong_index)
-    lines = _critique_lines(steps, wrong_index, correction)
+    lines, wrong_index = _critique_lines(problem, steps)
+    if wrong_index is not None:
+        lines += _rejection_lines(wrong_index + 1, _correction(problem, wrong_index), len(steps))
     lines.append(f"The correct final answer is {problem.answer}.")
     lines.append(f"Conclusion: {'right' if wrong_index is None else 'wrong'}")
     return "\n".join(lines)
@@ -374,12 +433,12 @@ def critique_text(problem: Problem, steps: Sequence[Step]) -> str:
 def flawed_critique_text(rng: random.Random, problem: Problem, steps: Sequence[Step], config: DemoConfig) -> str:
     """A critique whose verdict is wrong, with step checks consistent with that verdict.
 
-    A wrong response is waved through (every step "is correct", its answer accepted); a right
-    response gets one correct step flagged with a made-up value, and the final answer that
+    A wrong response is waved through (the critic believes every written number, its answer
+    too); a right response gets one step miscomputed by a slip, and the final answer that
     value would lead to is stated as the correct one.
     """
     if _first_wrong_step(problem, steps) is not None:
-        lines = _critique_lines(steps, None, "")
+        lines, _ = _critique_lines(problem, steps, believed=True)
         lines.append(f"The correct final answer is {steps[-1].result}.")
         lines.append("Conclusion: right")
         return "\n".join(lines)
@@ -396,7 +455,8 @@ def flawed_critique_text(rng: random.Random, problem: Problem, steps: Sequence[S
             break
     else:  # unreachable for demo problems; say so loudly rather than emit odd values
         raise RuntimeError(f"demo data: no in-range flawed critique for {problem.canonical()!r}")
-    lines = _critique_lines(steps, index, f"{step.left} {step.op} {step.operand} = {claimed}")
+    lines, _ = _critique_lines(problem, steps, claimed=(index, claimed))
+    lines += _rejection_lines(index + 1, f"{step.left} {step.op} {step.operand} = {claimed}", len(steps))
     lines.append(f"The correct final answer is {claimed_final}.")
     lines.append("Conclusion: wrong")
     return "\n".join(lines)

@@ -116,20 +116,23 @@ def test_noisy_responses_carry_one_error_that_propagates_consistently(splits):
             assert len(steps) == len(operations)
             if record["label"] == "right":
                 assert wrong is None and steps[-1][3] == values[-1]
+                assert demo_task.error_kind(record["query"], record["response"]) is None
                 continue
             assert wrong is not None and steps[-1][3] != values[-1]  # the error changes the answer
             left, op, operand, result = steps[wrong]
             assert op == operations[wrong][0]
             if left != values[wrong]:  # miscopied from the previous (right) step
-                kinds.add("carried")
+                kind = "carried"
                 assert wrong > 0 and left != steps[wrong - 1][3] and operand == operations[wrong][1]
                 assert result == OPS[op](left, operand)
             elif operand == operations[wrong][1]:
-                kinds.add("arithmetic")
+                kind = "arithmetic"
                 assert result != OPS[op](left, operand)
             else:
-                kinds.add("operand")
+                kind = "operand"
                 assert result == OPS[op](left, operand)
+            kinds.add(kind)
+            assert demo_task.error_kind(record["query"], record["response"]) == kind
             previous = result
             for index in range(wrong + 1, len(steps)):  # later steps: right arithmetic, wrong input
                 left, op, operand, result = steps[index]
@@ -160,25 +163,45 @@ def test_flawed_critique_share_matches_the_setting_exactly(splits):
         assert {r["critique_flawed"] for r in records} == {expected}
 
 
-def test_faithful_critiques_name_the_first_wrong_step_and_the_true_answer(splits):
+def _accepted_line(number, step, source):
+    left, op, operand, result = step
+    phrase = {v: k for k, v in PHRASE_OPS.items()}[op]
+    return (f"Step {number}. Input: {source}, written {left}: ok. "
+            f"Operation: the question says {phrase} {operand}, written {op} {operand}: ok. "
+            f"Result: {left} {op} {operand} makes {result}, written {result}: ok.")
+
+
+def test_faithful_critiques_check_each_step_against_its_sources_and_stop_at_the_first_wrong(splits):
     for records in splits.values():
         for record in records:
             if record["critique_flawed"] == "1":
                 continue
-            values, _ = _true_values(record["query"])
+            values, operations = _true_values(record["query"])
             lines = record["critique"].split("\n")
             assert lines[-2] == f"The correct final answer is {values[-1]}."
+            assert lines[-1] == f"Conclusion: {record['label']}"
             steps = _response_steps(record["response"])
             wrong = _first_wrong_step(record)
             checked = len(steps) if wrong is None else wrong
             for index in range(checked):
-                left, op, operand, result = steps[index]
-                assert lines[index] == f"Step {index + 1}: {left} {op} {operand} = {result} is correct."
-            if wrong is not None:
-                left, op, operand, result = steps[wrong]
-                true_operand = _query_operations(record["query"])[1][wrong][1]
-                recomputed = f"{values[wrong]} {op} {true_operand} = {values[wrong + 1]}, not {result}, so it is wrong."
-                assert lines[wrong].startswith(f"Step {wrong + 1}: ") and lines[wrong].endswith(recomputed)
+                source = f"the question starts with {values[0]}" if index == 0 else f"step {index} gave {values[index]}"
+                assert lines[index] == _accepted_line(index + 1, steps[index], source)
+            if wrong is None:
+                assert len(lines) == len(steps) + 2
+                continue
+            left, op, operand, result = steps[wrong]
+            true_op, true_operand = operations[wrong]
+            line = lines[wrong]
+            assert line.startswith(f"Step {wrong + 1}. Input: ")
+            if left != values[wrong]:
+                assert line.endswith(f"Input: step {wrong} gave {values[wrong]}, written {left}: wrong.")
+            elif operand != true_operand:
+                phrase = {v: k for k, v in PHRASE_OPS.items()}[true_op]
+                assert line.endswith(f"Operation: the question says {phrase} {true_operand}, written {op} {operand}: wrong.")
+            else:
+                assert line.endswith(f"Result: {left} {op} {operand} makes {OPS[op](left, operand)}, written {result}: wrong.")
+            assert line.count(": wrong.") == 1
+            assert lines[wrong + 1] == f"So step {wrong + 1} should be {values[wrong]} {op} {true_operand} = {values[wrong + 1]}."
 
 
 def test_flawed_critiques_are_consistent_with_their_wrong_verdict(splits):
@@ -187,11 +210,14 @@ def test_flawed_critiques_are_consistent_with_their_wrong_verdict(splits):
             lines = record["critique"].split("\n")
             response_answer = extract_final_answer(record["response"])
             claimed = extract_final_answer(record["critique"])
-            if record["label"] == "wrong":  # waved through: every step accepted, its answer too
-                assert all(line.endswith(" is correct.") for line in lines[:-2])
+            if record["label"] == "wrong":  # waved through: every written number believed, its answer too
+                assert ": wrong." not in record["critique"] and lines[-1] == "Conclusion: right"
+                steps = _response_steps(record["response"])
+                assert len(lines) == len(steps) + 2
+                assert all(line.endswith(f"written {step[3]}: ok.") for line, step in zip(lines, steps))
                 assert claimed == response_answer
             else:  # a right response is flagged: the claimed answer is not the response's
-                assert sum(line.endswith(", so it is wrong.") for line in lines) == 1
+                assert sum(line.endswith(": wrong.") for line in lines) == 1 and lines[-1] == "Conclusion: wrong"
                 assert claimed != response_answer == record["answer"]
 
 
@@ -331,3 +357,8 @@ def test_prepare_demo_data_writes_drills_beside_the_problems(tmp_path):
         assert data.records(split, "drill") == demo_task.drill_records(CONFIG, split)
     with pytest.raises(ValueError, match="record kind"):
         data.records("train", "rl")
+
+
+def test_error_kind_names_an_unreadable_line():
+    with pytest.raises(ValueError, match="not a demo solution line: 'Step 1: twelve'"):
+        demo_task.error_kind("Start with 12. Add 3. What is the result?", "Step 1: twelve\nThe answer is 15.")
