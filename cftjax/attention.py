@@ -37,12 +37,18 @@ class CausalSegments:
 
   def dense(self) -> jax.Array:
     slots = jnp.arange(self.segment_ids_BxL.shape[1], dtype=jnp.int32)
-    return attention_mask(self.segment_ids_BxL, self.segment_ids_BxL,
-                          jnp.broadcast_to(slots, self.segment_ids_BxL.shape), slots, self.window)
+    return attention_mask(
+        self.segment_ids_BxL,
+        self.segment_ids_BxL,
+        jnp.broadcast_to(slots, self.segment_ids_BxL.shape),
+        slots,
+        self.window,
+    )
 
 
-def self_attention_mask(segment_ids_BxL: jax.Array, impl: AttentionImpl,
-                        window: int = 0) -> "jax.Array | CausalSegments":
+def self_attention_mask(
+    segment_ids_BxL: jax.Array, impl: AttentionImpl, window: int = 0
+) -> "jax.Array | CausalSegments":
   """The mask of causal self-attention (training, scoring) in the form `impl` takes."""
   segments = CausalSegments(segment_ids_BxL, window)
   return segments if impl in ("splash", "auto", "xla") else segments.dense()
@@ -78,9 +84,7 @@ def _xla_attention(q_BxQxNxH, k_BxKxMxH, v_BxKxMxH, mask_Bx1xQxK):
   group = num_heads // num_kv_heads
   q = q_BxQxNxH.reshape(batch, q_len, num_kv_heads, group, head_dim)
   # Scores and softmax in float32 whatever the compute dtype: bf16 logits lose the mask.
-  scores = jnp.einsum(
-      "bqmgh,bkmh->bmgqk", q, k_BxKxMxH, preferred_element_type=jnp.float32
-  ) * (head_dim**-0.5)
+  scores = jnp.einsum("bqmgh,bkmh->bmgqk", q, k_BxKxMxH, preferred_element_type=jnp.float32) * (head_dim**-0.5)
   mask = mask_Bx1xQxK[:, :, None, :, :]  # broadcast over kv heads and group
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxMxH.dtype)
@@ -115,8 +119,13 @@ def _xla_causal_attention(q_BxLxNxH, k_BxLxMxH, v_BxLxMxH, segments: CausalSegme
     q = q_BxMxLxGxH[:, :, start:end].reshape(batch, num_kv_heads, rows * group, head_dim)
     k, v = k_BxMxLxH[:, :, first:end], v_BxMxLxH[:, :, first:end]
     scores = jnp.einsum("bmqh,bmkh->bmqk", q, k, preferred_element_type=jnp.float32) * (head_dim**-0.5)
-    mask_BxQxK = attention_mask(ids_BxL[:, start:end], ids_BxL[:, first:end],
-                                jnp.broadcast_to(slots[start:end], (batch, rows)), slots[first:end], window)[:, 0]
+    mask_BxQxK = attention_mask(
+        ids_BxL[:, start:end],
+        ids_BxL[:, first:end],
+        jnp.broadcast_to(slots[start:end], (batch, rows)),
+        slots[first:end],
+        window,
+    )[:, 0]
     scores = scores.reshape(batch, num_kv_heads, rows, group, end - first)
     scores = jnp.where(mask_BxQxK[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(batch, num_kv_heads, rows * group, end - first)
@@ -133,8 +142,10 @@ def _splash_attention(q_BxLxNxH, k_BxLxMxH, v_BxLxMxH, segment_ids_BxL, window: 
   group = q_BxLxNxH.shape[2] // k_BxLxMxH.shape[2]
   block = _splash_block(length)
   if not block:
-    raise ValueError(f"model.attention_impl='splash' needs a sequence length that is a multiple of 128 "
-                     f"(and of {SPLASH_MAX_BLOCK} above it); got {length} (data.max_length)")
+    raise ValueError(
+        f"model.attention_impl='splash' needs a sequence length that is a multiple of 128 "
+        f"(and of {SPLASH_MAX_BLOCK} above it); got {length} (data.max_length)"
+    )
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
 
   kernel = _splash_kernel(length, group, block, window, jax.default_backend() != "tpu")
@@ -158,10 +169,12 @@ def _splash_attention(q_BxLxNxH, k_BxLxMxH, v_BxLxMxH, segment_ids_BxL, window: 
   # A Pallas kernel cannot be partitioned by XLA: run it per shard, sharded the way the
   # logical rules shard activations (dims that do not divide stay whole).
   batch_axes, _, head_axes, _ = sharding.fit_spec_to_shape(
-      nn.logical_to_mesh_axes(("act_batch", "act_length", "act_kv_heads", None)), k_BxLxMxH.shape, mesh.shape)
+      nn.logical_to_mesh_axes(("act_batch", "act_length", "act_kv_heads", None)), k_BxLxMxH.shape, mesh.shape
+  )
   qkv, ids = P(batch_axes, None, head_axes, None), P(batch_axes, None)
   return jax.shard_map(local, in_specs=(qkv, qkv, qkv, ids), out_specs=qkv, check_vma=False)(
-      q_BxLxNxH, k_BxLxMxH, v_BxLxMxH, segment_ids_BxL)
+      q_BxLxNxH, k_BxLxMxH, v_BxLxMxH, segment_ids_BxL
+  )
 
 
 def _splash_kernel(length: int, num_heads: int, block: int, window: int, interpret: bool):
@@ -174,14 +187,18 @@ def _splash_kernel(length: int, num_heads: int, block: int, window: int, interpr
     head_mask = mask_lib.CausalMask((length, length))
   mask = mask_lib.MultiHeadMask([head_mask for _ in range(num_heads)])
   sizes = kernel_lib.BlockSizes(
-      block_q=block, block_kv=block, block_kv_compute=block,
-      block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-      block_q_dq=block, block_kv_dq=block,
+      block_q=block,
+      block_kv=block,
+      block_kv_compute=block,
+      block_q_dkv=block,
+      block_kv_dkv=block,
+      block_kv_dkv_compute=block,
+      block_q_dq=block,
+      block_kv_dq=block,
   )
   # Built per trace, not cached: the kernel holds its mask tables as arrays, which would be
   # tracers of the first trace (jit, grad, scan) that built them.
   return kernel_lib.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
-
 
 
 def dot_product_attention(
@@ -198,10 +215,7 @@ def dot_product_attention(
   auto: splash on TPU where the length tiles, XLA otherwise.
   """
   if q_BxQxNxH.shape[2] % k_BxKxMxH.shape[2]:
-    raise ValueError(
-        f"num_heads={q_BxQxNxH.shape[2]} is not a multiple of "
-        f"num_kv_heads={k_BxKxMxH.shape[2]}"
-    )
+    raise ValueError(f"num_heads={q_BxQxNxH.shape[2]} is not a multiple of " f"num_kv_heads={k_BxKxMxH.shape[2]}")
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"config key model.attention_impl={impl!r} is not one of {ATTENTION_IMPLS}")
   if impl == "auto":
@@ -209,16 +223,12 @@ def dot_product_attention(
     impl = "splash" if tiles and jax.default_backend() == "tpu" else "xla"
   if isinstance(mask_Bx1xQxK, CausalSegments):
     if impl == "splash":
-      return _splash_attention(q_BxQxNxH, k_BxKxMxH, v_BxKxMxH, mask_Bx1xQxK.segment_ids_BxL,
-                               mask_Bx1xQxK.window)
+      return _splash_attention(q_BxQxNxH, k_BxKxMxH, v_BxKxMxH, mask_Bx1xQxK.segment_ids_BxL, mask_Bx1xQxK.window)
     if impl == "xla":
-      return _xla_causal_attention(q_BxQxNxH, k_BxKxMxH, v_BxKxMxH, mask_Bx1xQxK,
-                                   _causal_block(q_BxQxNxH.shape[1]))
+      return _xla_causal_attention(q_BxQxNxH, k_BxKxMxH, v_BxKxMxH, mask_Bx1xQxK, _causal_block(q_BxQxNxH.shape[1]))
     mask_Bx1xQxK = mask_Bx1xQxK.dense()
   if impl in ("xla", "splash"):
     return _xla_attention(q_BxQxNxH, k_BxKxMxH, v_BxKxMxH, mask_Bx1xQxK)
   if impl == "cudnn":
     # cuDNN flash attention (GPU, bf16/fp16); handles GQA and an explicit mask.
-    return jax.nn.dot_product_attention(
-        q_BxQxNxH, k_BxKxMxH, v_BxKxMxH, mask=mask_Bx1xQxK, implementation="cudnn"
-    )
+    return jax.nn.dot_product_attention(q_BxQxNxH, k_BxKxMxH, v_BxKxMxH, mask=mask_Bx1xQxK, implementation="cudnn")

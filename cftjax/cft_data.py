@@ -96,8 +96,9 @@ def check_teacher_prompt(template: str) -> str:
   for _, field, _, _ in parsed:
     if field is not None:
       if field not in TEACHER_PROMPT_FIELDS:
-        raise ValueError(f"--teacher_prompt has field {{{field}}}; allowed: "
-                         + ", ".join(f"{{{f}}}" for f in TEACHER_PROMPT_FIELDS))
+        raise ValueError(
+            f"--teacher_prompt has field {{{field}}}; allowed: " + ", ".join(f"{{{f}}}" for f in TEACHER_PROMPT_FIELDS)
+        )
       fields.add(field)
   if "response" not in fields:
     raise ValueError("--teacher_prompt must contain {response}: the teacher has to see what it critiques")
@@ -120,13 +121,27 @@ def chunk_seed(seed: int, first_problem: int) -> int:
 def _generate_texts(loaded, prompts: list[list[int]], sampling, batch_size: int, progress: bool) -> list[str]:
   from cftjax.generate import generate
 
-  outputs = generate(loaded.model, loaded.params, prompts, sampling, batch_size=batch_size, mesh=loaded.mesh,
-                     progress=progress, decode=loaded.tokenizer.decode)
+  outputs = generate(
+      loaded.model,
+      loaded.params,
+      prompts,
+      sampling,
+      batch_size=batch_size,
+      mesh=loaded.mesh,
+      progress=progress,
+      decode=loaded.tokenizer.decode,
+  )
   return [loaded.tokenizer.decode(ids) for ids in outputs]
 
 
-def model_sampler(loaded, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                  batch_size: int = 32, progress: bool = False) -> Sampler:
+def model_sampler(
+    loaded,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> Sampler:
   """Student: the math evaluation prompt in the student's chat template, sampled.
 
   The N copies of a prompt sit next to each other in one generate call (equal lengths sort
@@ -135,18 +150,28 @@ def model_sampler(loaded, max_new_tokens: int, temperature: float = 1.0, top_p: 
   from cftjax import evaluate
 
   def sample(problems: Sequence[Problem], n: int, seed: int) -> list[list[str]]:
-    prompt_of = [evaluate.answer_prompt(eval_data.math_user_text(p.question), loaded, eval_data.MATH_SYSTEM_PROMPT)
-                 for p in problems]
+    prompt_of = [
+        evaluate.answer_prompt(eval_data.math_user_text(p.question), loaded, eval_data.MATH_SYSTEM_PROMPT)
+        for p in problems
+    ]
     prompts = [prompt for prompt in prompt_of for _ in range(n)]
     sampling = evaluate.sampling_for(loaded, max_new_tokens, temperature, top_p, seed)
     texts = _generate_texts(loaded, prompts, sampling, max(batch_size, n), progress)
-    return [texts[i * n:(i + 1) * n] for i in range(len(problems))]
+    return [texts[i * n : (i + 1) * n] for i in range(len(problems))]
 
   return sample
 
 
-def model_critic(loaded, max_new_tokens: int, prompt_template: str | None = None, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, batch_size: int = 32, progress: bool = False) -> Critic:
+def model_critic(
+    loaded,
+    max_new_tokens: int,
+    prompt_template: str | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> Critic:
   """Teacher: critiques in the CFT prompt format (or `prompt_template`) in its own chat template."""
   from cftjax import evaluate
 
@@ -166,8 +191,9 @@ def _dedupe_key(response: str) -> str:
   return re.sub(r"\s+", " ", response).strip()
 
 
-def sample_problems(problems: Sequence[Problem], responses: Sequence[Sequence[str]], critic: Critic,
-                    samples: int) -> list[dict]:
+def sample_problems(
+    problems: Sequence[Problem], responses: Sequence[Sequence[str]], critic: Critic, samples: int
+) -> list[dict]:
   """Ledger entries for `problems`: grade every response, critique each distinct one once."""
   entries = []
   pairs: list[tuple[Problem, str]] = []
@@ -179,9 +205,16 @@ def sample_problems(problems: Sequence[Problem], responses: Sequence[Sequence[st
     for j, text in enumerate(texts):
       response = text.strip()
       extracted = grading.extract_answer(response)
-      row = {"sample": j, "response": response, "extracted_answer": extracted,
-             "response_correct": bool(response) and grading.answers_match(extracted, problem.reference),
-             "duplicate_of": None, "critique": "", "critique_verdict": None, "critique_agrees": False}
+      row = {
+          "sample": j,
+          "response": response,
+          "extracted_answer": extracted,
+          "response_correct": bool(response) and grading.answers_match(extracted, problem.reference),
+          "duplicate_of": None,
+          "critique": "",
+          "critique_verdict": None,
+          "critique_agrees": False,
+      }
       rows.append(row)
       if not response:
         continue
@@ -193,8 +226,15 @@ def sample_problems(problems: Sequence[Problem], responses: Sequence[Sequence[st
       first_of[key] = (j, len(pairs))
       pairs.append((problem, response))
       slots.append([row])
-    entries.append({"problem": problem.index, "id": problem.id, "question": problem.question,
-                    "reference": problem.reference, "rows": rows})
+    entries.append(
+        {
+            "problem": problem.index,
+            "id": problem.id,
+            "question": problem.question,
+            "reference": problem.reference,
+            "rows": rows,
+        }
+    )
   critiques = critic(pairs) if pairs else []
   if len(critiques) != len(pairs):
     raise ValueError(f"the teacher returned {len(critiques)} critiques for {len(pairs)} responses")
@@ -245,8 +285,10 @@ def select_rows(entries: Sequence[dict], selection: Selection) -> tuple[list[tup
   """(entry, row) pairs to write, in ledger order, and the counts behind them."""
   rows = [(entry, row) for entry in entries for row in entry["rows"]]
   usable = [(e, r) for e, r in rows if r["response"] and r["critique"]]
-  counts = {"empty_responses": sum(not r["response"] for _, r in rows),
-            "empty_critiques": sum(bool(r["response"]) and not r["critique"] for _, r in rows)}
+  counts = {
+      "empty_responses": sum(not r["response"] for _, r in rows),
+      "empty_critiques": sum(bool(r["response"]) and not r["critique"] for _, r in rows),
+  }
   if selection.dedupe:
     counts["duplicates_dropped"] = sum(r["duplicate_of"] is not None for _, r in usable)
     usable = [(e, r) for e, r in usable if r["duplicate_of"] is None]
@@ -261,8 +303,12 @@ def select_rows(entries: Sequence[dict], selection: Selection) -> tuple[list[tup
   else:
     kept = usable
   if selection.right_ratio is not None:
-    right, wrong = _take_share([x for x in kept if x[1]["response_correct"]],
-                               [x for x in kept if not x[1]["response_correct"]], selection.right_ratio, rng)
+    right, wrong = _take_share(
+        [x for x in kept if x[1]["response_correct"]],
+        [x for x in kept if not x[1]["response_correct"]],
+        selection.right_ratio,
+        rng,
+    )
     kept = right + wrong
   chosen = {id(r) for _, r in kept}
   return [(e, r) for e, r in rows if id(r) in chosen], counts
@@ -272,8 +318,9 @@ def _share(numerator: int, denominator: int) -> float | None:
   return numerator / denominator if denominator else None
 
 
-def summarize(entries: Sequence[dict], kept: Sequence[tuple[dict, dict]], counts: dict, selection: Selection,
-              samples: int) -> dict:
+def summarize(
+    entries: Sequence[dict], kept: Sequence[tuple[dict, dict]], counts: dict, selection: Selection, samples: int
+) -> dict:
   rows = [r for e in entries for r in e["rows"]]
   critiqued = [r for r in rows if r["critique"]]
   right = [r for r in critiqued if r["response_correct"]]
@@ -346,8 +393,10 @@ def read_ledger(path: Path, settings: dict) -> dict[int, dict]:
       changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
       if changed:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-        raise ValueError(f"{path} was made with other settings ({shown}); resume with the same ones, "
-                         f"or remove the ledger / pick another --out to start afresh")
+        raise ValueError(
+            f"{path} was made with other settings ({shown}); resume with the same ones, "
+            f"or remove the ledger / pick another --out to start afresh"
+        )
       continue
     if not isinstance(value, dict) or not isinstance(value.get("problem"), int) or "rows" not in value:
       raise ValueError(f"{path}:{number}: expected a problem entry with 'problem' and 'rows'")
@@ -367,10 +416,18 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 # ------------------------------------------------------------------------------ the run
-def make_cft_data(problems: Sequence[Problem], sampler: Sampler, critic: Critic, out: str | os.PathLike,
-                  samples: int, selection: Selection = Selection(), settings: dict[str, Any] | None = None,
-                  seed: int = 0, problems_per_batch: int = 1,
-                  log: Callable[[str], None] = print) -> dict:
+def make_cft_data(
+    problems: Sequence[Problem],
+    sampler: Sampler,
+    critic: Critic,
+    out: str | os.PathLike,
+    samples: int,
+    selection: Selection = Selection(),
+    settings: dict[str, Any] | None = None,
+    seed: int = 0,
+    problems_per_batch: int = 1,
+    log: Callable[[str], None] = print,
+) -> dict:
   """Samples, grades and critiques every problem the ledger lacks, then writes the selected
   rows to `out` and the summary beside it. `settings` (what shapes generation: models,
   sampling, prompt) is stored in the ledger and checked on resume. Returns the summary."""
@@ -384,14 +441,16 @@ def make_cft_data(problems: Sequence[Problem], sampler: Sampler, critic: Critic,
   for p in problems:  # the same path may hold other problems by now
     entry = done.get(p.index)
     if entry is not None and (entry["question"], entry["reference"]) != (p.question, p.reference):
-      raise ValueError(f"{ledger}: problem {p.index} ({p.id!r}) differs from the problems file's; "
-                       "remove the ledger or pick another --out to start afresh")
+      raise ValueError(
+          f"{ledger}: problem {p.index} ({p.id!r}) differs from the problems file's; "
+          "remove the ledger or pick another --out to start afresh"
+      )
   if done:
     log(f"resuming: {len(done)} problems already in {ledger}")
   with open(ledger, "a") as f:
     # Fixed batch boundaries, so a batch's seed does not depend on where a run stopped.
     for start in range(0, len(problems), problems_per_batch):
-      todo = [p for p in problems[start:start + problems_per_batch] if p.index not in done]
+      todo = [p for p in problems[start : start + problems_per_batch] if p.index not in done]
       if not todo:
         continue
       responses = sampler(todo, samples, chunk_seed(seed, problems[start].index))

@@ -35,7 +35,8 @@ class TextTokenizer(Protocol):
   bos_id: int | None
   eos_id: int
 
-  def encode(self, text: str) -> list[int]: ...
+  def encode(self, text: str) -> list[int]:
+    ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,8 +191,10 @@ def tokenizer_dir(tokenizer) -> Path:
 def _load_model_template(directory: Path) -> jinja_template.ModelTemplate:
   template = jinja_template.load(directory)
   if template is None:
-    raise ValueError(f"data.chat_template='model' but {directory} has no chat template "
-                     f"({', '.join(jinja_template.TEMPLATE_FILES)}); set data.chat_template to one of {TEMPLATES[1:]}")
+    raise ValueError(
+        f"data.chat_template='model' but {directory} has no chat template "
+        f"({', '.join(jinja_template.TEMPLATE_FILES)}); set data.chat_template to one of {TEMPLATES[1:]}"
+    )
   return template
 
 

@@ -25,7 +25,6 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-
 T = TypeVar("T")
 # What reading a damaged step raises: a missing item (KeyError), truncated JSON or tensor
 # data (ValueError, including tensorstore's), missing files (OSError).
@@ -102,6 +101,7 @@ def restore_train_state(manager, abstract_state, data_iterator, step: int | None
   `<step>.damaged` (kept for inspection, never deleted): the run will save those step numbers
   again, and Orbax would otherwise keep taking the damaged step for the newest.
   """
+
   def restore(at_step: int):
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
@@ -123,8 +123,9 @@ def restore_train_state(manager, abstract_state, data_iterator, step: int | None
   return step, state
 
 
-def restore_newest_valid(root: Path, steps: Sequence[int], restore: Callable[[int], T],
-                         damaged_note: str = "left in place") -> tuple[int, T, list[int]]:
+def restore_newest_valid(
+    root: Path, steps: Sequence[int], restore: Callable[[int], T], damaged_note: str = "left in place"
+) -> tuple[int, T, list[int]]:
   """(step, restore(step), the newer steps that failed) for the first of `steps` (newest first)
   that restores. Each failure is one warning line; if none restores, one CheckpointError."""
   failures: list[tuple[int, Exception]] = []
@@ -136,8 +137,10 @@ def restore_newest_valid(root: Path, steps: Sequence[int], restore: Callable[[in
       failures.append((step, e))
       continue
     for bad, error in failures:
-      _warn(f"warning: checkpoint {root / str(bad)} is unreadable ({_one_line(error)}); "
-            f"{damaged_note.replace('<step>', str(bad))}; using step {step}")
+      _warn(
+          f"warning: checkpoint {root / str(bad)} is unreadable ({_one_line(error)}); "
+          f"{damaged_note.replace('<step>', str(bad))}; using step {step}"
+      )
     return step, restored, [bad for bad, _ in failures]
   if not failures:
     raise CheckpointError(f"no checkpoint steps in {root}")
@@ -204,8 +207,9 @@ def find_step_dir(directory: str | Path, step: int | None = None) -> tuple[Path,
   return root, steps[0]
 
 
-def load_checkpoint(directory: str | Path, make_target: Callable[[ml_collections.ConfigDict], Any],
-                    step: int | None = None) -> tuple[ml_collections.ConfigDict, Any]:
+def load_checkpoint(
+    directory: str | Path, make_target: Callable[[ml_collections.ConfigDict], Any], step: int | None = None
+) -> tuple[ml_collections.ConfigDict, Any]:
   """(config, params) of the given step, or of the newest readable one (damaged newer steps are
   reported and left in place: readers such as eval and export do not alter a run directory).
   `make_target(config)` gives the abstract params (with shardings) to restore onto."""
@@ -241,9 +245,7 @@ def save_params(directory: str | Path, params: Any, config: ml_collections.Confi
   with ocp.CheckpointManager(Path(directory).absolute(), item_names=("params", "config")) as manager:
     manager.save(
         step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), config=ocp.args.JsonSave(config_to_json(config))
-        ),
+        args=ocp.args.Composite(params=ocp.args.StandardSave(params), config=ocp.args.JsonSave(config_to_json(config))),
         force=True,
     )
     manager.wait_until_finished()
@@ -267,10 +269,14 @@ def _load_params_at(root: Path, step: int, abstract_params: Any) -> Any:
     with ocp.CheckpointManager(root.absolute(), item_names=("state",)) as manager:
       target = {"params": abstract_params}
       restored = manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-              item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-              partial_restore=True,
-          ))
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.PyTreeRestore(
+                  item=target,
+                  restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                  partial_restore=True,
+              )
+          ),
       )
       return restored["state"]["params"]
   raise FileNotFoundError(f"{step_dir} holds neither 'params' nor 'state'")

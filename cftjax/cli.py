@@ -95,7 +95,7 @@ def unknown_config_key_message(text: str, argv: list[str]) -> str:
   """ml_collections says "'num_step'\nDid you mean "num_steps" instead of "num_step"?" about
   one path component; name the whole key the user typed and the key they probably meant."""
   names = re.findall(r"'(\w+)'", text.replace("\\'", "'"))
-  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  overrides = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
   bad = names[0] if names else ""
   key = next((k for k in overrides if bad in k.split(".")), None)
   if key is None:
@@ -209,8 +209,9 @@ def eval_main(flags) -> None:
   quiet_library_logs()
   if flags.task in ("math", "critique") and not flags.data:
     raise UserError(f"--task={flags.task} needs --data=FILE.jsonl")
-  mesh_config = ml_collections.ConfigDict({"data": -1, "fsdp": flags["mesh.fsdp"].value,
-                                           "tensor": flags["mesh.tensor"].value})
+  mesh_config = ml_collections.ConfigDict(
+      {"data": -1, "fsdp": flags["mesh.fsdp"].value, "tensor": flags["mesh.tensor"].value}
+  )
   max_new = flags.max_new_tokens or (384 if flags.task == "demo" else 2048)
   if flags.num_samples > 1 and flags.temperature == 0:
     raise UserError("--num_samples > 1 needs --temperature > 0 (greedy answers are all the same)")
@@ -221,8 +222,9 @@ def eval_main(flags) -> None:
     if flags.task == "demo":
       rows, summary = evaluate.run_demo(loaded, sampling, flags.batch_size, flags.limit)
     elif flags.task == "math":
-      rows, summary = evaluate.run_math(loaded, data, sampling, flags.batch_size, flags.limit,
-                                        num_samples=flags.num_samples)
+      rows, summary = evaluate.run_math(
+          loaded, data, sampling, flags.batch_size, flags.limit, num_samples=flags.num_samples
+      )
     else:
       rows, summary = evaluate.run_critique(loaded, data, sampling, flags.batch_size, flags.limit)
     evaluate.write_results(out, flags.task, rows, summary)
@@ -260,19 +262,36 @@ def make_cft_data_main(flags) -> None:
   student = evaluate.load(flags.student)
   same = Path(flags.teacher).resolve() == Path(flags.student).resolve()
   teacher = student if same else evaluate.load(flags.teacher)
-  print(f"{len(problems)} problems from {flags.problems}; {flags.samples} samples each; "
-        f"teacher {'= student' if same else flags.teacher}")
+  print(
+      f"{len(problems)} problems from {flags.problems}; {flags.samples} samples each; "
+      f"teacher {'= student' if same else flags.teacher}"
+  )
   teacher_max_new = flags.teacher_max_new_tokens or flags.max_new_tokens
   sampler = cft_data.model_sampler(student, flags.max_new_tokens, flags.temperature, flags.top_p, flags.batch_size)
-  critic = cft_data.model_critic(teacher, teacher_max_new, teacher_prompt or None, flags.teacher_temperature,
-                                 flags.top_p, flags.seed, flags.batch_size)
-  settings = {"problems": str(Path(flags.problems).resolve()), "student": str(Path(flags.student).resolve()),
-              "teacher": str(Path(flags.teacher).resolve()), "max_new_tokens": flags.max_new_tokens,
-              "teacher_max_new_tokens": teacher_max_new, "temperature": flags.temperature, "top_p": flags.top_p,
-              "teacher_temperature": flags.teacher_temperature, "teacher_prompt": teacher_prompt or None}
+  critic = cft_data.model_critic(
+      teacher,
+      teacher_max_new,
+      teacher_prompt or None,
+      flags.teacher_temperature,
+      flags.top_p,
+      flags.seed,
+      flags.batch_size,
+  )
+  settings = {
+      "problems": str(Path(flags.problems).resolve()),
+      "student": str(Path(flags.student).resolve()),
+      "teacher": str(Path(flags.teacher).resolve()),
+      "max_new_tokens": flags.max_new_tokens,
+      "teacher_max_new_tokens": teacher_max_new,
+      "temperature": flags.temperature,
+      "top_p": flags.top_p,
+      "teacher_temperature": flags.teacher_temperature,
+      "teacher_prompt": teacher_prompt or None,
+  }
   per_batch = max(1, flags.batch_size // flags.samples)
-  summary = cft_data.make_cft_data(problems, sampler, critic, flags.out, flags.samples, selection, settings,
-                                   flags.seed, per_batch)
+  summary = cft_data.make_cft_data(
+      problems, sampler, critic, flags.out, flags.samples, selection, settings, flags.seed, per_batch
+  )
   print(json.dumps(summary, indent=2))
   print(f"wrote {summary['rows_kept']} rows to {flags.out}; summary in {cft_data.summary_path(flags.out)}")
 

@@ -34,8 +34,13 @@ class LoadedModel:
   mesh: jax.sharding.Mesh
 
 
-def load(checkpoint_dir: str | Path, step: int | None = None, mesh_config=None,
-         devices: Sequence[jax.Device] | None = None, dtype: str | None = None) -> LoadedModel:
+def load(
+    checkpoint_dir: str | Path,
+    step: int | None = None,
+    mesh_config=None,
+    devices: Sequence[jax.Device] | None = None,
+    dtype: str | None = None,
+) -> LoadedModel:
   """Restores params onto a mesh over `devices` (default: all present), whatever mesh
   trained them; `mesh_config` defaults to pure data parallelism (fsdp / tensor shard the
   weights, e.g. a 7B model over 8 chips). `dtype` (e.g. "bfloat16") is the inference
@@ -78,15 +83,25 @@ def critique_prompt(question: str, response: str, loaded: LoadedModel) -> list[i
   return _prompt([Turn("user", objectives.cft_user_text(question, response))], loaded)
 
 
-def _generate(loaded: LoadedModel, prompts: list[list[int]], sampling: SamplingConfig, batch_size: int,
-              progress: bool) -> list[str]:
-  outputs = generate(loaded.model, loaded.params, prompts, sampling, batch_size=batch_size, mesh=loaded.mesh,
-                     progress=progress, decode=loaded.tokenizer.decode)
+def _generate(
+    loaded: LoadedModel, prompts: list[list[int]], sampling: SamplingConfig, batch_size: int, progress: bool
+) -> list[str]:
+  outputs = generate(
+      loaded.model,
+      loaded.params,
+      prompts,
+      sampling,
+      batch_size=batch_size,
+      mesh=loaded.mesh,
+      progress=progress,
+      decode=loaded.tokenizer.decode,
+  )
   return [loaded.tokenizer.decode(ids) for ids in outputs]
 
 
-def sampling_for(loaded: LoadedModel, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0) -> SamplingConfig:
+def sampling_for(
+    loaded: LoadedModel, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0
+) -> SamplingConfig:
   stop_ids = tuple(getattr(loaded.tokenizer, "stop_ids", ()) or (loaded.tokenizer.eos_id,))
   for special in ("<|im_end|>", "<|eot_id|>"):
     token = loaded.tokenizer.token_to_id(special)
@@ -94,8 +109,14 @@ def sampling_for(loaded: LoadedModel, max_new_tokens: int, temperature: float = 
       stop_ids += (token,)
   template = loaded.config.data.get("chat_template", "plain")
   stop_ids += tuple(t for t in chat_templates.end_of_turn_ids(template, loaded.tokenizer) if t not in stop_ids)
-  return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                        eos_ids=stop_ids, pad_id=loaded.tokenizer.pad_id)
+  return SamplingConfig(
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      top_p=top_p,
+      seed=seed,
+      eos_ids=stop_ids,
+      pad_id=loaded.tokenizer.pad_id,
+  )
 
 
 # ------------------------------------------------------------------------------ tasks
@@ -113,18 +134,26 @@ def answer_rows(examples: Sequence[dict], outputs: Sequence[str]) -> tuple[list[
   return rows, grading.math_scores([r["correct"] for r in rows])
 
 
-def run_demo(loaded: LoadedModel, sampling: SamplingConfig, batch_size: int, limit: int | None,
-             progress: bool = True, split: str = "test") -> tuple[dict[str, list[dict]], dict]:
+def run_demo(
+    loaded: LoadedModel,
+    sampling: SamplingConfig,
+    batch_size: int,
+    limit: int | None,
+    progress: bool = True,
+    split: str = "test",
+) -> tuple[dict[str, list[dict]], dict]:
   from cftjax.data import sources
 
   records = sources.prepare(loaded.config.data).records(split, "cft")[:limit]
   answer_examples = [{"id": i, "question": r["query"], "answer": r["answer"]} for i, r in enumerate(records)]
   answer_out = _generate(loaded, [answer_prompt(r["query"], loaded) for r in records], sampling, batch_size, progress)
   answers, answer_summary = answer_rows(answer_examples, answer_out)
-  critique_examples = [{"id": i, "question": r["query"], "response": r["response"], "label": r["label"]}
-                       for i, r in enumerate(records)]
-  critique_out = _generate(loaded, [critique_prompt(r["query"], r["response"], loaded) for r in records],
-                           sampling, batch_size, progress)
+  critique_examples = [
+      {"id": i, "question": r["query"], "response": r["response"], "label": r["label"]} for i, r in enumerate(records)
+  ]
+  critique_out = _generate(
+      loaded, [critique_prompt(r["query"], r["response"], loaded) for r in records], sampling, batch_size, progress
+  )
   critiques, critique_summary = critique_rows(critique_examples, critique_out)
   summary = {"answer_accuracy": answer_summary["accuracy"], **{f"critique_{k}": v for k, v in critique_summary.items()}}
   summary.update(demo_verdicts_by_error_kind(records, critiques))
@@ -154,8 +183,16 @@ def sampled_answer_rows(examples: Sequence[dict], outputs: Sequence[Sequence[str
     extracted = [grading.extract_answer(o) for o in outs]
     correct = [grading.answers_match(a, ex["answer"]) for a in extracted]
     majority = sample_scores.majority_answer(extracted, grading.answers_match)
-    rows.append(dict(ex, outputs=list(outs), extracted=extracted, correct=correct, majority=majority,
-                     majority_correct=grading.answers_match(majority, ex["answer"])))
+    rows.append(
+        dict(
+            ex,
+            outputs=list(outs),
+            extracted=extracted,
+            correct=correct,
+            majority=majority,
+            majority_correct=grading.answers_match(majority, ex["answer"]),
+        )
+    )
   summary = {"accuracy": sum(sum(r["correct"]) for r in rows) / (n * len(rows)), "n": len(rows), "samples": n}
   for k in sample_scores.default_ks(n):
     summary[f"pass@{k}"] = sum(sample_scores.pass_at_k(n, sum(r["correct"]), k) for r in rows) / len(rows)
@@ -169,7 +206,9 @@ def run_math(loaded: LoadedModel, data_path: str, sampling, batch_size, limit, p
   from cftjax import eval_data
 
   examples = eval_data.load_eval_file(data_path, "math")[:limit]
-  prompts = [answer_prompt(eval_data.math_user_text(e.question), loaded, eval_data.MATH_SYSTEM_PROMPT) for e in examples]
+  prompts = [
+      answer_prompt(eval_data.math_user_text(e.question), loaded, eval_data.MATH_SYSTEM_PROMPT) for e in examples
+  ]
   refs = [{"id": e.id, "question": e.question, "answer": e.reference} for e in examples]
   if num_samples == 1:
     rows, summary = answer_rows(refs, _generate(loaded, prompts, sampling, batch_size, progress))
@@ -178,7 +217,7 @@ def run_math(loaded: LoadedModel, data_path: str, sampling, batch_size, limit, p
     raise ValueError(f"--num_samples={num_samples} must be >= 1")
   repeated = [p for p in prompts for _ in range(num_samples)]  # each copy gets its own sampling key
   flat = _generate(loaded, repeated, sampling, batch_size, progress)
-  outputs = [flat[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+  outputs = [flat[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
   rows, summary = sampled_answer_rows(refs, outputs)
   return {"math": rows}, summary
 
@@ -220,5 +259,8 @@ def demo_generation_metrics(model, params, config, tokenizer, mesh, limit: int, 
   loaded = LoadedModel(model, params, config, tokenizer, mesh)
   sampling = sampling_for(loaded, max_new_tokens)
   _, summary = run_demo(loaded, sampling, batch_size=max(limit, 1), limit=limit, progress=False, split="validation")
-  return {"val_answer_accuracy": summary["answer_accuracy"], "val_critique_accuracy": summary["critique_accuracy"],
-          "val_critique_f1": summary["critique_f1"]}
+  return {
+      "val_answer_accuracy": summary["answer_accuracy"],
+      "val_critique_accuracy": summary["critique_accuracy"],
+      "val_critique_f1": summary["critique_f1"],
+  }

@@ -44,8 +44,9 @@ class DemoGeneration:
   def __call__(self, ctx: EvalContext) -> dict:
     from cftjax import evaluate
 
-    return evaluate.demo_generation_metrics(ctx.model, ctx.params, ctx.config, ctx.tokenizer, ctx.mesh,
-                                            self.examples, self.max_new_tokens)
+    return evaluate.demo_generation_metrics(
+        ctx.model, ctx.params, ctx.config, ctx.tokenizer, ctx.mesh, self.examples, self.max_new_tokens
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +68,7 @@ class MathBenchmark:
 
     loaded = _loaded(ctx)
     sampling = evaluate.sampling_for(loaded, self.max_new_tokens)
-    _, summary = evaluate.run_math(loaded, self.path, sampling, self.batch_size, self.examples or None,
-                                   progress=False)
+    _, summary = evaluate.run_math(loaded, self.path, sampling, self.batch_size, self.examples or None, progress=False)
     return {f"val_{self.name}_accuracy": summary["accuracy"]}
 
 

@@ -97,7 +97,7 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
     if len(prompt) > length:
       raise ValueError(f"prompt {row} has {len(prompt)} tokens, more than the padded length {length}")
     if prompt:
-      tokens[row, length - len(prompt):] = prompt
+      tokens[row, length - len(prompt) :] = prompt
     lengths[row] = len(prompt)
   return tokens, lengths
 
@@ -281,8 +281,13 @@ def compiled_generate_tokens(
   """
   # Normalised so equal settings always hit the same cache entry.
   return _compiled_generate_tokens(
-      config, int(max_new_tokens), float(temperature), float(top_p),
-      tuple(int(i) for i in eos_ids), int(pad_id), mesh,
+      config,
+      int(max_new_tokens),
+      float(temperature),
+      float(top_p),
+      tuple(int(i) for i in eos_ids),
+      int(pad_id),
+      mesh,
   )
 
 
@@ -404,15 +409,20 @@ def generate(
   if mesh is not None:
     row_multiple = int(np.prod([mesh.shape[a] for a in sharding_lib.BATCH_AXES]))
   run = compiled_generate_tokens(
-      config, sampling.max_new_tokens, sampling.temperature, sampling.top_p,
-      sampling.eos_ids, sampling.pad_id, mesh,
+      config,
+      sampling.max_new_tokens,
+      sampling.temperature,
+      sampling.top_p,
+      sampling.eos_ids,
+      sampling.pad_id,
+      mesh,
   )
 
   order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
   results: list[list[int] | None] = [None] * len(prompts)
   bar = tqdm.tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress)
   for start in range(0, len(order), batch_size):
-    indices = order[start:start + batch_size]
+    indices = order[start : start + batch_size]
     rows = bucket_batch_size(len(indices), batch_size, row_multiple)
     # Filler rows repeat the first prompt; their outputs are discarded.
     batch_prompts = [list(prompts[i]) for i in indices] + [list(prompts[indices[0]])] * (rows - len(indices))

@@ -53,7 +53,9 @@ def chunked_token_cross_entropy(
     # Cast inside the body: the kernel's cotangent then adds up over chunks in its own
     # (float32 master) dtype rather than in the compute dtype.
     logits_BxCxV = jax.lax.dot_general(
-        h_BxCxD.astype(dtype), kernel_DxV.astype(dtype), (((2,), (0,)), ((), ())),
+        h_BxCxD.astype(dtype),
+        kernel_DxV.astype(dtype),
+        (((2,), (0,)), ((), ())),
         preferred_element_type=jnp.float32,
     )
     logits_BxCxV = nn.with_logical_constraint(logits_BxCxV, ("act_batch", "act_length", "act_vocab"))

@@ -91,10 +91,10 @@ class _Namespace(jinja2.utils.Namespace):
 @functools.lru_cache(maxsize=16)
 def _compile(source: str) -> jinja2.Template:
   env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-      trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTracker, jinja2.ext.loopcontrols])
+      trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTracker, jinja2.ext.loopcontrols]
+  )
   env.filters["tojson"] = _tojson
-  env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=_Namespace,
-                     dict=dict)
+  env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=_Namespace, dict=dict)
   return env.from_string(source)
 
 
@@ -130,8 +130,10 @@ def find_template(directory: str | Path) -> tuple[str, Path] | None:
     if isinstance(template, list):
       named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
       if "default" not in named:
-        raise ValueError(f"{path}: 'chat_template' is a list of named templates without a 'default' one "
-                         f"(names: {sorted(n for n in named if n)})")
+        raise ValueError(
+            f"{path}: 'chat_template' is a list of named templates without a 'default' one "
+            f"(names: {sorted(n for n in named if n)})"
+        )
       template = named["default"]
     if isinstance(template, str) and template.strip():
       return template, path
@@ -157,8 +159,13 @@ class ModelTemplate:
     blocks: list[str] = []
     token = _TRACKING.set((spans, blocks))
     try:
-      for block in template.generate(messages=[dict(m) for m in messages], tools=None, documents=None,
-                                     add_generation_prompt=add_generation_prompt, **dict(self.special_tokens)):
+      for block in template.generate(
+          messages=[dict(m) for m in messages],
+          tools=None,
+          documents=None,
+          add_generation_prompt=add_generation_prompt,
+          **dict(self.special_tokens),
+      ):
         blocks.append(block)
     except jinja2.exceptions.TemplateError as e:
       raise ValueError(f"chat template from {self.origin}: {e}") from None
@@ -172,13 +179,16 @@ class ModelTemplate:
     text, spans = self.render(messages, add_generation_prompt=False)
     if self.has_generation_tags:
       if not spans:
-        raise ValueError(f"chat template from {self.origin} has {{% generation %}} tags but rendered none "
-                         "for the assistant reply")
+        raise ValueError(
+            f"chat template from {self.origin} has {{% generation %}} tags but rendered none " "for the assistant reply"
+        )
       return text, spans[-1]
     prompt, _ = self.render(context, add_generation_prompt=True)
     if not text.startswith(prompt):
-      raise ValueError(f"chat template from {self.origin} renders the context differently when a reply follows, "
-                       "so the reply cannot be located; add {% generation %} tags around the assistant content")
+      raise ValueError(
+          f"chat template from {self.origin} renders the context differently when a reply follows, "
+          "so the reply cannot be located; add {% generation %} tags around the assistant content"
+      )
     return text, (len(prompt), len(text.rstrip()))
 
 
@@ -228,12 +238,13 @@ def end_of_turn_text(template: ModelTemplate) -> str:
   probe = "cftjax probe reply"
   text, (start, end) = template.reply_span([{"role": "user", "content": "hi"}], probe)
   at = text.find(probe, start, end)
-  return text[at + len(probe):end].strip() if at >= 0 else ""
+  return text[at + len(probe) : end].strip() if at >= 0 else ""
 
 
 def _encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
   encode = getattr(tokenizer, "encode_with_offsets", None)
   if encode is None:
-    raise ValueError(f"data.chat_template='model' needs a tokenizer.json tokenizer (character offsets); "
-                     f"got {tokenizer!r}")
+    raise ValueError(
+        f"data.chat_template='model' needs a tokenizer.json tokenizer (character offsets); " f"got {tokenizer!r}"
+    )
   return encode(text)

@@ -92,8 +92,9 @@ def compiled_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax
   return compiled, layout.abstract, batch, mesh
 
 
-def dry_run(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None,
-            capacity: int | None = None) -> MemoryReport:
+def dry_run(
+    config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None, capacity: int | None = None
+) -> MemoryReport:
   """Compiles the train step for `config` and reports its memory per device."""
   compiled, state, batch, mesh = compiled_train_step(config, devices)
   analysis = compiled.memory_analysis()
@@ -129,7 +130,8 @@ def advice(report: MemoryReport, config: ml_collections.ConfigDict) -> list[str]
     if larger:
       tips.append(
           f"train.grad_accum_steps={larger[0]} (now {accum}): activations scale with the micro-batch "
-          f"({report.micro_batch_rows} rows per device now)")
+          f"({report.micro_batch_rows} rows per device now)"
+      )
     policy = config.model.remat_policy
     stronger = {"none": "dots_no_batch", "dots": "dots_no_batch", "dots_no_batch": "full"}.get(policy)
     if stronger:

@@ -57,6 +57,7 @@ def mfu(tokens_per_second: float, flops_per_token: float, num_devices: int) -> f
 
 
 class MetricsWriter:
+
   def __init__(self, workdir: str | Path, enabled: bool = True, tensorboard: bool = True):
     self.enabled = enabled
     self.path = Path(workdir) / "metrics.jsonl"
@@ -99,8 +100,7 @@ class MetricsWriter:
     """A bar of optimizer steps (rate, ETA) kept below the log lines, on a terminal only:
     piped or CI logs get the log lines alone."""
     if self.enabled and enabled and sys.stdout.isatty():
-      self._bar = tqdm.tqdm(total=total, initial=initial, unit="step", file=sys.stdout, dynamic_ncols=True,
-                            leave=False)
+      self._bar = tqdm.tqdm(total=total, initial=initial, unit="step", file=sys.stdout, dynamic_ncols=True, leave=False)
 
   def advance(self, steps: int = 1, loss: float | None = None) -> None:
     if self._bar is not None:

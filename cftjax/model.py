@@ -67,27 +67,18 @@ class ModelConfig:
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
-          f"model.num_heads={self.num_heads} must be a multiple of "
-          f"model.num_kv_heads={self.num_kv_heads}"
+          f"model.num_heads={self.num_heads} must be a multiple of " f"model.num_kv_heads={self.num_kv_heads}"
       )
     if self.head_dim % 2:
       raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE")
     if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(
-          f"model.remat_policy={self.remat_policy!r} is not one of "
-          f"{sorted(REMAT_POLICIES)}"
-      )
+      raise ValueError(f"model.remat_policy={self.remat_policy!r} is not one of " f"{sorted(REMAT_POLICIES)}")
     if self.attention_impl not in attention.ATTENTION_IMPLS:
-      raise ValueError(
-          f"model.attention_impl={self.attention_impl!r} is not one of "
-          f"{attention.ATTENTION_IMPLS}"
-      )
+      raise ValueError(f"model.attention_impl={self.attention_impl!r} is not one of " f"{attention.ATTENTION_IMPLS}")
     if self.sliding_window < 0:
       raise ValueError(f"model.sliding_window={self.sliding_window} must be >= 0 (0 = no window)")
     if self.rope_scaling_type not in ("", "llama3"):
-      raise ValueError(
-          f"model.rope_scaling_type={self.rope_scaling_type!r} is not '' or 'llama3'"
-      )
+      raise ValueError(f"model.rope_scaling_type={self.rope_scaling_type!r} is not '' or 'llama3'")
 
   @classmethod
   def from_config(cls, model_config: Any) -> "ModelConfig":
@@ -188,17 +179,21 @@ class Projection(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    in_shape = x.shape[-self.in_dims:]
+    in_shape = x.shape[-self.in_dims :]
     kernel = self.param(
-        "kernel", nn.with_logical_partitioning(_init(), self.kernel_axes),
-        tuple(in_shape) + tuple(self.features), cfg.jnp_param_dtype,
+        "kernel",
+        nn.with_logical_partitioning(_init(), self.kernel_axes),
+        tuple(in_shape) + tuple(self.features),
+        cfg.jnp_param_dtype,
     )
     contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
     y = jax.lax.dot_general(x.astype(cfg.jnp_dtype), kernel.astype(cfg.jnp_dtype), (contract, ((), ())))
     if self.use_bias:
       bias = self.param(
-          "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
-          tuple(self.features), cfg.jnp_param_dtype,
+          "bias",
+          nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
+          tuple(self.features),
+          cfg.jnp_param_dtype,
       )
       y = y + bias.astype(cfg.jnp_dtype)
     return y
@@ -216,12 +211,33 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xQxK, kv_cache=None, cache_index=None):
     cfg = self.config
-    q = _dense(cfg, (cfg.num_heads, cfg.head_dim), -1, ("embed", "heads", "head_dim"),
-               "q_proj", cfg.qkv_bias, ("heads", "head_dim"))(x_BxLxD)
-    k = _dense(cfg, (cfg.num_kv_heads, cfg.head_dim), -1, ("embed", "kv_heads", "head_dim"),
-               "k_proj", cfg.qkv_bias, ("kv_heads", "head_dim"))(x_BxLxD)
-    v = _dense(cfg, (cfg.num_kv_heads, cfg.head_dim), -1, ("embed", "kv_heads", "head_dim"),
-               "v_proj", cfg.qkv_bias, ("kv_heads", "head_dim"))(x_BxLxD)
+    q = _dense(
+        cfg,
+        (cfg.num_heads, cfg.head_dim),
+        -1,
+        ("embed", "heads", "head_dim"),
+        "q_proj",
+        cfg.qkv_bias,
+        ("heads", "head_dim"),
+    )(x_BxLxD)
+    k = _dense(
+        cfg,
+        (cfg.num_kv_heads, cfg.head_dim),
+        -1,
+        ("embed", "kv_heads", "head_dim"),
+        "k_proj",
+        cfg.qkv_bias,
+        ("kv_heads", "head_dim"),
+    )(x_BxLxD)
+    v = _dense(
+        cfg,
+        (cfg.num_kv_heads, cfg.head_dim),
+        -1,
+        ("embed", "kv_heads", "head_dim"),
+        "v_proj",
+        cfg.qkv_bias,
+        ("kv_heads", "head_dim"),
+    )(x_BxLxD)
     inv_freq = rope_inverse_frequencies(cfg)
     q = constrain(apply_rope(q, positions_BxL, inv_freq), "act_batch", "act_length", "act_heads", None)
     k = constrain(apply_rope(k, positions_BxL, inv_freq), "act_batch", "act_length", "act_kv_heads", None)
@@ -260,7 +276,10 @@ class Block(nn.Module):
   def __call__(self, x_BxLxD, layer_cache, positions_BxL, mask_Bx1xQxK, cache_index):
     attn_out, new_cache = Attention(self.config, name="attn")(
         RMSNorm(self.config, name="attn_norm")(x_BxLxD),
-        positions_BxL, mask_Bx1xQxK, layer_cache, cache_index,
+        positions_BxL,
+        mask_Bx1xQxK,
+        layer_cache,
+        cache_index,
     )
     x = constrain(x_BxLxD + attn_out, "act_batch", "act_length", "act_embed")
     x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
@@ -300,16 +319,16 @@ class Transformer(nn.Module):
   def setup(self):
     cfg = self.config
     self.embed = nn.Embed(
-        cfg.vocab_size, cfg.hidden_size,
-        dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+        cfg.vocab_size,
+        cfg.hidden_size,
+        dtype=cfg.jnp_dtype,
+        param_dtype=cfg.jnp_param_dtype,
         embedding_init=nn.with_logical_partitioning(_init(), ("vocab", "embed")),
         name="embed",
     )
     block = Block
     if cfg.remat_policy != "none":
-      block = nn.remat(
-          Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers
-      )
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       self.layers = nn.scan(
           block,
@@ -349,7 +368,10 @@ class Transformer(nn.Module):
       kv_slots = jnp.arange(kv_segment_ids.shape[1], dtype=jnp.int32)
       # A sequence's cache slots are contiguous (left padding), so slot distance is token distance.
       mask = attention.attention_mask(
-          segment_ids_BxL, kv_segment_ids, jnp.broadcast_to(q_slots, tokens_BxL.shape), kv_slots,
+          segment_ids_BxL,
+          kv_segment_ids,
+          jnp.broadcast_to(q_slots, tokens_BxL.shape),
+          kv_slots,
           cfg.sliding_window,
       )
       layer_caches = {"k": cache["k"], "v": cache["v"]}

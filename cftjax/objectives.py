@@ -89,8 +89,9 @@ def loss_sums(
   Returning sums lets callers add micro-batches and hosts before dividing once, which
   is what makes the loss a token mean over the global batch.
   """
-  return token_loss_sums(token_cross_entropy(logits_BxLxV, targets_BxL), weights_BxL, objective_ids_BxL,
-                         source_ids_BxL, num_sources)
+  return token_loss_sums(
+      token_cross_entropy(logits_BxLxV, targets_BxL), weights_BxL, objective_ids_BxL, source_ids_BxL, num_sources
+  )
 
 
 def token_loss_sums(

@@ -27,8 +27,14 @@ def eval_dir(run_dir: str | Path) -> Path:
   return (run_dir.parent if run_dir.name == "checkpoints" else run_dir) / "eval"
 
 
-def sweep(run_dir: str | Path, benchmarks: Sequence[str], score: Callable, select_by: str | None = None,
-          steps: Sequence[int] | None = None, log=print) -> dict:
+def sweep(
+    run_dir: str | Path,
+    benchmarks: Sequence[str],
+    score: Callable,
+    select_by: str | None = None,
+    steps: Sequence[int] | None = None,
+    log=print,
+) -> dict:
   """Scores each step on each benchmark file and writes the table.
 
   `score(step, benchmark_path, out_dir)` evaluates one pair, writes its results into
@@ -59,8 +65,10 @@ def sweep(run_dir: str | Path, benchmarks: Sequence[str], score: Callable, selec
 
 
 def build_table(scores: dict[int, dict[str, float]], names: Sequence[str], select_by: str) -> dict:
-  rows = [{"step": step, "scores": {n: by_name[n] for n in names}, "average": sum(by_name[n] for n in names) / len(names)}
-          for step, by_name in sorted(scores.items())]
+  rows = [
+      {"step": step, "scores": {n: by_name[n] for n in names}, "average": sum(by_name[n] for n in names) / len(names)}
+      for step, by_name in sorted(scores.items())
+  ]
   if not rows:
     raise ValueError("no checkpoint steps to tabulate")
   best = max(rows, key=lambda r: (r["scores"][select_by], -r["step"]))  # earliest of equal scores
@@ -111,8 +119,15 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
     best = next(r for r in table["rows"] if r["step"] == table["best_step"])
     shown = {n: best["scores"].get(n) for n in names}
     present = [v for v in shown.values() if v is not None]
-    runs.append({"run": run, "best_step": table["best_step"], "select_by": table["select_by"], "scores": shown,
-                 "average": sum(present) / len(present)})
+    runs.append(
+        {
+            "run": run,
+            "best_step": table["best_step"],
+            "select_by": table["select_by"],
+            "scores": shown,
+            "average": sum(present) / len(present),
+        }
+    )
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   result = {"benchmarks": names, "runs": runs}
@@ -135,8 +150,12 @@ def plot_accuracy_vs_step(tables: dict[str, dict], path: Path) -> None:
   fig, ax = plt.subplots(figsize=(6, 4))
   for run, table in tables.items():
     steps = [r["step"] for r in table["rows"]]
-    ax.plot(steps, [100 * r["scores"][table["select_by"]] for r in table["rows"]], marker="o",
-            label=f"{run} ({table['select_by']})")
+    ax.plot(
+        steps,
+        [100 * r["scores"][table["select_by"]] for r in table["rows"]],
+        marker="o",
+        label=f"{run} ({table['select_by']})",
+    )
     ax.plot(steps, [100 * r["average"] for r in table["rows"]], linestyle="--", alpha=0.6, label=f"{run} (average)")
   ax.set_xlabel("step")
   ax.set_ylabel("accuracy (%)")

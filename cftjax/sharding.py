@@ -93,9 +93,7 @@ def fit_spec_to_shape(spec: P, shape: tuple[int, ...], mesh_shape: dict[str, int
   return P(*out)
 
 
-def abstract_params_and_shardings(
-    init_fn: Callable[[], Any], mesh: Mesh, rules=LOGICAL_RULES
-) -> tuple[Any, Any]:
+def abstract_params_and_shardings(init_fn: Callable[[], Any], mesh: Mesh, rules=LOGICAL_RULES) -> tuple[Any, Any]:
   """(unboxed ShapeDtypeStruct tree, NamedSharding tree) for a boxed-param init function."""
   boxed = jax.eval_shape(init_fn)
   specs = nn.get_partition_spec(boxed)
@@ -159,8 +157,7 @@ def batch_size_per_process(global_batch_size: int, mesh: Mesh) -> int:
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if global_batch_size % shards:
     raise ValueError(
-        f"config key train.global_batch_size={global_batch_size} must be divisible by "
-        f"mesh data x fsdp = {shards}"
+        f"config key train.global_batch_size={global_batch_size} must be divisible by " f"mesh data x fsdp = {shards}"
     )
   if global_batch_size % jax.process_count():
     raise ValueError(
@@ -175,6 +172,4 @@ def host_batch_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, 
   sharding = batch_sharding(mesh)
   if jax.process_count() == 1:
     return {k: jax.device_put(v, sharding) for k, v in batch.items()}
-  return {
-      k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()
-  }
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

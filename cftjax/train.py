@@ -75,8 +75,9 @@ def _forward_sums(model, params, batch, num_sources: int):
   cfg = model.config
   if cfg.loss_chunk_size:  # never the whole [B, L, V] logits
     hidden, _ = model.apply({"params": params}, *inputs, return_hidden=True)
-    ce = head_loss.chunked_token_cross_entropy(hidden, head_loss.head_kernel(params, cfg.tie_embeddings),
-                                               batch["targets"], cfg.loss_chunk_size, cfg.jnp_dtype)
+    ce = head_loss.chunked_token_cross_entropy(
+        hidden, head_loss.head_kernel(params, cfg.tie_embeddings), batch["targets"], cfg.loss_chunk_size, cfg.jnp_dtype
+    )
   else:
     logits, _ = model.apply({"params": params}, *inputs)
     ce = objectives.token_cross_entropy(logits, batch["targets"])
@@ -89,6 +90,7 @@ def _split_micro_batches(batch, accum: int):
   With rows sharded in contiguous blocks over devices, each device's micro-batch rows
   are its own rows, so splitting moves no data.
   """
+
   def split(x):
     rows = x.shape[0]
     return x.reshape((rows // accum, accum) + x.shape[1:]).swapaxes(0, 1)
@@ -118,8 +120,11 @@ def train_step(state, batch, *, model, tx, schedule, accum: int, num_sources: in
     zero_grads = jax.tree.map(jnp.zeros_like, state["params"])
     zero_sums = jax.tree.map(
         lambda s: jnp.zeros(s.shape, s.dtype),
-        jax.eval_shape(lambda p, m: _forward_sums(model, p, m, num_sources), state["params"],
-                       jax.tree.map(lambda x: x[0], micro_batches)),
+        jax.eval_shape(
+            lambda p, m: _forward_sums(model, p, m, num_sources),
+            state["params"],
+            jax.tree.map(lambda x: x[0], micro_batches),
+        ),
     )
     (grads, sums), _ = jax.lax.scan(body, (zero_grads, zero_sums), micro_batches)
 
@@ -165,6 +170,7 @@ def compile_steps(model, tx, schedule, mesh, layout: StateLayout, accum: int, nu
     def wrapped(*args):
       with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         return fn(*args)
+
     return wrapped
 
   return CompiledSteps(with_rules(train), with_rules(evaluate))
@@ -228,8 +234,15 @@ def estimate_num_steps(config, sources, tokenizer_path: str, rows_per_step: int)
 
 
 def _validation_loss(steps, params, config, sources, tokenizer_path, rows, mesh, num_sources) -> dict:
-  ds = pipeline.make_dataset(config.data, sources, tokenizer_path, rows=rows, train=False,
-                             process_index=jax.process_index(), process_count=jax.process_count())
+  ds = pipeline.make_dataset(
+      config.data,
+      sources,
+      tokenizer_path,
+      rows=rows,
+      train=False,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+  )
   totals, batches = None, iter(ds)
   for _ in range(config.train.eval_batches):
     batch = next(batches, None)
@@ -286,8 +299,12 @@ def check_grad_accum(config: ml_collections.ConfigDict, mesh) -> int:
   return accum
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequence[jax.Device] | None = None,
-        evaluators: Sequence[Callable[[Any], dict]] = ()) -> RunResult:
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    devices: Sequence[jax.Device] | None = None,
+    evaluators: Sequence[Callable[[Any], dict]] = (),
+) -> RunResult:
   """Trains (or resumes) per `config`, writing checkpoints and metrics under workdir.
 
   `devices` (default: all) is what the mesh spans, e.g. one of several simulated devices.
@@ -321,8 +338,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequenc
   layout = state_layout(model, tx, mesh, config.seed)
   steps = compile_steps(model, tx, schedule, mesh, layout, accum, num_sources)
 
-  dataset = pipeline.make_dataset(config.data, train_sources, tokenizer_path, rows=rows, train=True,
-                                  process_index=jax.process_index(), process_count=jax.process_count())
+  dataset = pipeline.make_dataset(
+      config.data,
+      train_sources,
+      tokenizer_path,
+      rows=rows,
+      train=True,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+  )
   data_iter = iter(dataset)
   manager = ckpt.make_manager(workdir / "checkpoints", config.checkpoint)
   start = manager.latest_step()
@@ -361,8 +385,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequenc
     for (step, _, host), device_metrics in zip(pending, fetched):
       m = {k: float(v) for k, v in device_metrics.items() if k not in PER_SOURCE_KEYS}
       m.update(_per_source(train_sources, device_metrics, "loss_source/"))
-      m.update(host, step_time=step_time, tokens_per_second=tokens_per_second,
-               mfu=metrics_lib.mfu(tokens_per_second, flops_per_token, jax.device_count()))
+      m.update(
+          host,
+          step_time=step_time,
+          tokens_per_second=tokens_per_second,
+          mfu=metrics_lib.mfu(tokens_per_second, flops_per_token, jax.device_count()),
+      )
       # A non-finite gradient poisons the parameters this step wrote, even at a finite loss.
       bad = [f"{k} is {m[k]}" for k in ("loss", "grad_norm") if not math.isfinite(m[k])]
       if bad:
@@ -405,8 +433,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequenc
           if validation_sources is None:
             validation_sources = sources_lib.load_sources(config.data, config.data.validation_split, prepared)
           flush()
-          eval_metrics = _validation_loss(steps, state["params"], config, validation_sources, tokenizer_path,
-                                          rows, mesh, num_sources)
+          eval_metrics = _validation_loss(
+              steps, state["params"], config, validation_sources, tokenizer_path, rows, mesh, num_sources
+          )
           for evaluator in evaluators:
             eval_metrics.update(evaluator(EvalContext(model, state["params"], config, tokenizer, mesh, step)))
           writer.write(step, eval_metrics)

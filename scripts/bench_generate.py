@@ -44,16 +44,31 @@ _PROMPT_LENGTH = flags.DEFINE_integer("prompt_length", 64, "Tokens per prompt.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "Tokens generated per prompt (no EOS).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median reported).")
 _SCAN_LAYERS = flags.DEFINE_bool(
-    "scan_layers", True, "Our model.scan_layers (False unrolls the layers: on CPU each scanned "
-    "decode step copies its layer's weights, so unrolled decodes faster).")
+    "scan_layers",
+    True,
+    "Our model.scan_layers (False unrolls the layers: on CPU each scanned "
+    "decode step copies its layer's weights, so unrolled decodes faster).",
+)
 _OUT = flags.DEFINE_string("out", "", "Optional JSON file for the results.")
 
 # Architectures (Llama layout, untied head, grouped-query attention).
 MODELS = {
-    "demo": dict(vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=768),
-    "100m": dict(vocab_size=32000, hidden_size=768, num_hidden_layers=8, num_attention_heads=12,
-                 num_key_value_heads=4, intermediate_size=2048),
+    "demo": dict(
+        vocab_size=512,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=768,
+    ),
+    "100m": dict(
+        vocab_size=32000,
+        hidden_size=768,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        intermediate_size=2048,
+    ),
 }
 
 
@@ -63,8 +78,14 @@ def build_models(name: str, workdir: Path):
   import transformers
 
   hf_config = transformers.LlamaConfig(
-      **MODELS[name], max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
-      tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=0,
+      **MODELS[name],
+      max_position_embeddings=4096,
+      rms_norm_eps=1e-5,
+      rope_theta=10000.0,
+      tie_word_embeddings=False,
+      bos_token_id=None,
+      eos_token_id=None,
+      pad_token_id=0,
   )
   torch.manual_seed(0)
   hf_model = transformers.LlamaForCausalLM(hf_config).eval()
@@ -97,6 +118,7 @@ def ours_runner(model, params, prompts):
   def run(n):
     sampling = gen.SamplingConfig(max_new_tokens=n)
     return gen.generate(model, params, prompts, sampling, batch_size=len(prompts), progress=False)
+
   return run
 
 
@@ -107,9 +129,10 @@ def hf_runner(hf_model, prompts):
 
   def run(n):
     with torch.no_grad():
-      out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                              min_new_tokens=n, do_sample=False)
-    return out[:, ids.shape[1]:].tolist()
+      out = hf_model.generate(
+          ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False
+      )
+    return out[:, ids.shape[1] :].tolist()
 
   return run
 
@@ -127,11 +150,15 @@ def main(argv):
 
   p_len, n_new, repeats = _PROMPT_LENGTH.value, _NEW_TOKENS.value, _REPEATS.value
   results = []
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} "
-        f"with {torch.get_num_threads()} threads; prompt {p_len} tokens, {n_new} new tokens; "
-        f"scan_layers={_SCAN_LAYERS.value}; load average {os.getloadavg()[0]:.1f}")
-  header = (f"{'model':>6} {'params':>7} {'batch':>5} | {'prefill tok/s':>13} {'hf':>9} {'ratio':>6} | "
-            f"{'decode tok/s':>12} {'hf':>9} {'ratio':>6} | same tokens")
+  print(
+      f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} "
+      f"with {torch.get_num_threads()} threads; prompt {p_len} tokens, {n_new} new tokens; "
+      f"scan_layers={_SCAN_LAYERS.value}; load average {os.getloadavg()[0]:.1f}"
+  )
+  header = (
+      f"{'model':>6} {'params':>7} {'batch':>5} | {'prefill tok/s':>13} {'hf':>9} {'ratio':>6} | "
+      f"{'decode tok/s':>12} {'hf':>9} {'ratio':>6} | same tokens"
+  )
   print(header)
   with tempfile.TemporaryDirectory() as workdir:
     for name in _MODELS.value:
@@ -142,19 +169,39 @@ def main(argv):
         rng = np.random.default_rng(batch)
         prompts = rng.integers(1, model.config.vocab_size, (batch, p_len)).tolist()
         ours, theirs = ours_runner(model, params, prompts), hf_runner(hf_model, prompts)
-        t = timed_medians({"ours_1": lambda: ours(1), "hf_1": lambda: theirs(1),
-                           "ours_n": lambda: ours(n_new), "hf_n": lambda: theirs(n_new)}, repeats)
+        t = timed_medians(
+            {
+                "ours_1": lambda: ours(1),
+                "hf_1": lambda: theirs(1),
+                "ours_n": lambda: ours(n_new),
+                "hf_n": lambda: theirs(n_new),
+            },
+            repeats,
+        )
         ours_prefill, ours_decode = throughput(batch, p_len, n_new, t["ours_1"], t["ours_n"])
         hf_prefill, hf_decode = throughput(batch, p_len, n_new, t["hf_1"], t["hf_n"])
         ours_tokens, hf_tokens = ours(n_new), theirs(n_new)
         same = sum(a == b for a, b in zip(ours_tokens, hf_tokens)) / batch
-        row = dict(model=name, scan_layers=model.config.scan_layers, params=model.config.num_params(), batch=batch, prompt_length=p_len,
-                   new_tokens=n_new, prefill_tokens_per_s=ours_prefill, hf_prefill_tokens_per_s=hf_prefill,
-                   decode_tokens_per_s=ours_decode, hf_decode_tokens_per_s=hf_decode, same_tokens=same)
+        row = dict(
+            model=name,
+            scan_layers=model.config.scan_layers,
+            params=model.config.num_params(),
+            batch=batch,
+            prompt_length=p_len,
+            new_tokens=n_new,
+            prefill_tokens_per_s=ours_prefill,
+            hf_prefill_tokens_per_s=hf_prefill,
+            decode_tokens_per_s=ours_decode,
+            hf_decode_tokens_per_s=hf_decode,
+            same_tokens=same,
+        )
         results.append(row)
-        print(f"{name:>6} {row['params'] / 1e6:6.1f}M {batch:>5} | {ours_prefill:13.0f} {hf_prefill:9.0f} "
-              f"{ours_prefill / hf_prefill:6.2f} | {ours_decode:12.0f} {hf_decode:9.0f} "
-              f"{ours_decode / hf_decode:6.2f} | {same:.2f}", flush=True)
+        print(
+            f"{name:>6} {row['params'] / 1e6:6.1f}M {batch:>5} | {ours_prefill:13.0f} {hf_prefill:9.0f} "
+            f"{ours_prefill / hf_prefill:6.2f} | {ours_decode:12.0f} {hf_decode:9.0f} "
+            f"{ours_decode / hf_decode:6.2f} | {same:.2f}",
+            flush=True,
+        )
   if _OUT.value:
     Path(_OUT.value).write_text(json.dumps(results, indent=2))
 

@@ -27,19 +27,38 @@ from absl import flags
 from cftjax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/cftjax_bench", "Where the random model (and checkpoint) go.")
-_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "bfloat16", ["bfloat16", "float32"], "model.param_dtype to import into.")
+_PARAM_DTYPE = flags.DEFINE_enum(
+    "param_dtype", "bfloat16", ["bfloat16", "float32"], "model.param_dtype to import into."
+)
 _TO_CHECKPOINT = flags.DEFINE_bool("to_checkpoint", False, "Also write the Orbax checkpoint (convert.py import).")
 _MEASURE = flags.DEFINE_bool("measure", False, "Internal: run the import in this process and print JSON.")
 
 # Llama 3.2 1B: 1.24e9 parameters with tied embeddings.
 HF_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048,
-    "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "head_dim": 64, "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-    "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192},
-    "max_position_embeddings": 131072, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
-    "bos_token_id": 128000, "eos_token_id": 128001,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "max_position_embeddings": 131072,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
 }
 SHARD_BYTES = 10**9
 
@@ -50,12 +69,19 @@ def hf_tensor_shapes(c: dict) -> dict[str, tuple[int, ...]]:
   shapes = {"model.embed_tokens.weight": (c["vocab_size"], d)}
   for i in range(c["num_hidden_layers"]):
     p = f"model.layers.{i}."
-    shapes.update({
-        p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-        p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
-        p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
-        p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d), p + "mlp.down_proj.weight": (d, f),
-    })
+    shapes.update(
+        {
+            p + "input_layernorm.weight": (d,),
+            p + "post_attention_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (q, d),
+            p + "self_attn.k_proj.weight": (kv, d),
+            p + "self_attn.v_proj.weight": (kv, d),
+            p + "self_attn.o_proj.weight": (d, q),
+            p + "mlp.gate_proj.weight": (f, d),
+            p + "mlp.up_proj.weight": (f, d),
+            p + "mlp.down_proj.weight": (d, f),
+        }
+    )
   shapes["model.norm.weight"] = (d,)
   return shapes
 
@@ -134,10 +160,16 @@ def measure(hf_dir: Path, out_dir: Path, param_dtype: str, to_checkpoint: bool) 
   checkpoint_bytes = sum(p.stat().st_size for p in hf_dir.glob("*.safetensors"))
   num_params = ModelConfig.from_config(config.model).num_params()
   return {
-      "devices": f"{jax.device_count()} x {jax.devices()[0].platform}", "param_dtype": param_dtype,
-      "to_checkpoint": to_checkpoint, "num_params": num_params, "checkpoint_gb": checkpoint_bytes / 1e9,
-      "seconds": seconds, "peak_rss_gb": peak_rss / 1e9, "rss_before_import_gb": before_rss / 1e9,
-      "interpreter_rss_gb": start_rss / 1e9, "peak_rss_over_checkpoint": peak_rss / checkpoint_bytes,
+      "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
+      "param_dtype": param_dtype,
+      "to_checkpoint": to_checkpoint,
+      "num_params": num_params,
+      "checkpoint_gb": checkpoint_bytes / 1e9,
+      "seconds": seconds,
+      "peak_rss_gb": peak_rss / 1e9,
+      "rss_before_import_gb": before_rss / 1e9,
+      "interpreter_rss_gb": start_rss / 1e9,
+      "peak_rss_over_checkpoint": peak_rss / checkpoint_bytes,
   }
 
 
@@ -155,15 +187,27 @@ def main(argv):
   if _TO_CHECKPOINT.value and out_dir.exists():
     raise cli.UserError(f"{out_dir} exists; delete it first")
   child = subprocess.run(
-      [sys.executable, __file__, f"--workdir={workdir}", f"--param_dtype={_PARAM_DTYPE.value}",
-       f"--to_checkpoint={_TO_CHECKPOINT.value}", "--measure"],
-      check=True, capture_output=True, text=True,
+      [
+          sys.executable,
+          __file__,
+          f"--workdir={workdir}",
+          f"--param_dtype={_PARAM_DTYPE.value}",
+          f"--to_checkpoint={_TO_CHECKPOINT.value}",
+          "--measure",
+      ],
+      check=True,
+      capture_output=True,
+      text=True,
   )
   r = json.loads(child.stdout.strip().splitlines()[-1])
-  print(f"{r['num_params'] / 1e9:.2f}B params, checkpoint {r['checkpoint_gb']:.2f} GB (bf16), {r['devices']}, "
-        f"param_dtype={r['param_dtype']}, to_checkpoint={r['to_checkpoint']}")
-  print(f"import: {r['seconds']:.1f} s; peak RSS {r['peak_rss_gb']:.2f} GB = "
-        f"{r['peak_rss_over_checkpoint']:.2f} x checkpoint (RSS before import {r['rss_before_import_gb']:.2f} GB)")
+  print(
+      f"{r['num_params'] / 1e9:.2f}B params, checkpoint {r['checkpoint_gb']:.2f} GB (bf16), {r['devices']}, "
+      f"param_dtype={r['param_dtype']}, to_checkpoint={r['to_checkpoint']}"
+  )
+  print(
+      f"import: {r['seconds']:.1f} s; peak RSS {r['peak_rss_gb']:.2f} GB = "
+      f"{r['peak_rss_over_checkpoint']:.2f} x checkpoint (RSS before import {r['rss_before_import_gb']:.2f} GB)"
+  )
 
 
 if __name__ == "__main__":

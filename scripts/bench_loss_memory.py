@@ -39,8 +39,12 @@ def chunked_loss(hidden, kernel, targets, weights, dtype, chunk):
 
 
 def temp_bytes(loss, rows, length, hidden, vocab) -> int:
-  args = (jax.ShapeDtypeStruct((rows, length, hidden), jnp.float32), jax.ShapeDtypeStruct((hidden, vocab), jnp.float32),
-          jax.ShapeDtypeStruct((rows, length), jnp.int32), jax.ShapeDtypeStruct((rows, length), jnp.float32))
+  args = (
+      jax.ShapeDtypeStruct((rows, length, hidden), jnp.float32),
+      jax.ShapeDtypeStruct((hidden, vocab), jnp.float32),
+      jax.ShapeDtypeStruct((rows, length), jnp.int32),
+      jax.ShapeDtypeStruct((rows, length), jnp.float32),
+  )
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   return step.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
@@ -49,15 +53,18 @@ def main(argv):
   del argv
   dtype = jnp.dtype(FLAGS.dtype)
   gib = 1024**3
-  print(f"loss + grads temporaries per device: {FLAGS.rows} rows, hidden {FLAGS.hidden}, {FLAGS.dtype} matmul, "
-        f"chunk {FLAGS.chunk}")
+  print(
+      f"loss + grads temporaries per device: {FLAGS.rows} rows, hidden {FLAGS.hidden}, {FLAGS.dtype} matmul, "
+      f"chunk {FLAGS.chunk}"
+  )
   print("| vocab | length | whole logits | chunked | ratio |")
   print("|---|---|---|---|---|")
   for vocab in map(int, FLAGS.vocab):
     for length in map(int, FLAGS.length):
       full = temp_bytes(functools.partial(full_loss, dtype=dtype), FLAGS.rows, length, FLAGS.hidden, vocab)
-      chunked = temp_bytes(functools.partial(chunked_loss, dtype=dtype, chunk=FLAGS.chunk), FLAGS.rows, length,
-                           FLAGS.hidden, vocab)
+      chunked = temp_bytes(
+          functools.partial(chunked_loss, dtype=dtype, chunk=FLAGS.chunk), FLAGS.rows, length, FLAGS.hidden, vocab
+      )
       print(f"| {vocab} | {length} | {full / gib:.2f} GiB | {chunked / gib:.2f} GiB | {full / chunked:.1f}x |")
 
 

@@ -22,7 +22,6 @@ import numpy as np
 
 from cftjax import cli
 
-
 # Token lengths (median, log-sigma) of each part of a CFT example, after WebInstruct-CFT:
 # short questions, longer noisy solutions and critiques. Totals: a few hundred to a couple
 # of thousand tokens, median ~1000; the longest few percent exceed 2048 and get cut.
@@ -103,8 +102,13 @@ def use_grain_first_fit(bins: int) -> None:
   def pack_and_batch(ds, *, max_length, rows, packing, window, seed):
     del packing, window
     ds = grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct={k: max_length for k in (*pipeline.TOKEN_FEATURES, "stats")}, num_packing_bins=bins,
-        seed=seed, shuffle_bins=True, meta_features=("targets", "weights", "objective_ids", "source_ids", "stats"))
+        ds,
+        length_struct={k: max_length for k in (*pipeline.TOKEN_FEATURES, "stats")},
+        num_packing_bins=bins,
+        seed=seed,
+        shuffle_bins=True,
+        meta_features=("targets", "weights", "objective_ids", "source_ids", "stats"),
+    )
     return ds.batch(rows, drop_remainder=False)
 
   pipeline.pack_and_batch = pack_and_batch
@@ -116,8 +120,12 @@ def main():
   parser.add_argument("--max_length", type=int, default=2048)
   parser.add_argument("--batch_rows", type=int, default=8)
   parser.add_argument("--packing_window", type=int, default=None, help="default: the config's")
-  parser.add_argument("--grain_first_fit_bins", type=int, default=0,
-                      help="baseline: pack with grain's FirstFitPackIterDataset and this many bins instead")
+  parser.add_argument(
+      "--grain_first_fit_bins",
+      type=int,
+      default=0,
+      help="baseline: pack with grain's FirstFitPackIterDataset and this many bins instead",
+  )
   parser.add_argument("--seconds", type=float, default=20.0)
   parser.add_argument("--workers", default="0,1,2")
   parser.add_argument("--verbose", action="store_true", help="full traceback of user errors")
@@ -153,15 +161,21 @@ def main():
     sources = sources_lib.load_sources(data, "train")
     lengths = example_lengths(data, sources, data.tokenizer)
     p10, p50, p90, p99 = np.percentile(lengths, [10, 50, 90, 99]).astype(int)
-    print(f"example tokens: p10 {p10}, median {p50}, p90 {p90}, p99 {p99}; "
-          f"{np.mean(lengths > args.max_length):.1%} longer than {args.max_length} (cut)", flush=True)
+    print(
+        f"example tokens: p10 {p10}, median {p50}, p90 {p90}, p99 {p99}; "
+        f"{np.mean(lengths > args.max_length):.1%} longer than {args.max_length} (cut)",
+        flush=True,
+    )
     results = {}
     for workers in (int(w) for w in args.workers.split(",")):
       data.worker_count = workers
       results[workers] = measure(data, sources, data.tokenizer, args.batch_rows, args.seconds)
       r = results[workers]
-      print(f"workers={workers}: {r['tokens_per_second']:,.0f} tokens/s, packing efficiency "
-            f"{r['packing_efficiency']:.1%} at length {args.max_length} ({r['batches']} batches)", flush=True)
+      print(
+          f"workers={workers}: {r['tokens_per_second']:,.0f} tokens/s, packing efficiency "
+          f"{r['packing_efficiency']:.1%} at length {args.max_length} ({r['batches']} batches)",
+          flush=True,
+      )
 
   consumed = train_step_tokens_per_second()
   best = max(r["tokens_per_second"] for r in results.values())

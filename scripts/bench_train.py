@@ -41,28 +41,58 @@ _BATCH = flags.DEFINE_integer("batch", 0, "Rows per step (0: 4 on CPU, 8 for gpu
 _LENGTH = flags.DEFINE_integer("length", 0, "Tokens per row (0: 512 on CPU, 2048 for gpu_1b).")
 _SCAN_LAYERS = flags.DEFINE_bool("scan_layers", True, "cftjax's model.scan_layers.")
 _MATMUL = flags.DEFINE_bool("matmul", True, "Also measure bare-matmul GFLOP/s of the step's shapes.")
-_CONFIG = flags.DEFINE_enum("config", "cpu", ["cpu", "gpu_1b"], "cpu: side by side with torch; "
-                            "gpu_1b: cftjax alone, ~1B model in bf16 on the accelerator.")
+_CONFIG = flags.DEFINE_enum(
+    "config",
+    "cpu",
+    ["cpu", "gpu_1b"],
+    "cpu: side by side with torch; " "gpu_1b: cftjax alone, ~1B model in bf16 on the accelerator.",
+)
 _GPU = flags.DEFINE_bool("gpu", False, "Same as --config=gpu_1b.")
-_REMAT = flags.DEFINE_string("remat_policy", "", "cftjax model.remat_policy (default: none on CPU, "
-                             "dots_no_batch for gpu_1b).")
-_ATTENTION = flags.DEFINE_string("attention_impl", "", "cftjax model.attention_impl (default: xla "
-                                 "on CPU, cudnn for gpu_1b).")
+_REMAT = flags.DEFINE_string(
+    "remat_policy", "", "cftjax model.remat_policy (default: none on CPU, " "dots_no_batch for gpu_1b)."
+)
+_ATTENTION = flags.DEFINE_string(
+    "attention_impl", "", "cftjax model.attention_impl (default: xla " "on CPU, cudnn for gpu_1b)."
+)
 _OUT = flags.DEFINE_string("out", "", "Optional JSON file for the results.")
 _WORKER = flags.DEFINE_enum("worker", "", ["", "jax", "torch"], "Internal: run one side's worker.")
 _SHAPE = flags.DEFINE_string("shape", "", "Internal: the worker's shape.")
 
 # Llama shapes (untied head, SwiGLU, grouped-query attention, head_dim 64 unless given).
 SHAPES = {
-    "demo": dict(vocab_size=512, hidden_size=192, num_layers=4, num_heads=3, num_kv_heads=1,
-                 head_dim=64, intermediate_size=512),
-    "45m": dict(vocab_size=32000, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4,
-                head_dim=64, intermediate_size=1536),
-    "110m": dict(vocab_size=32000, hidden_size=768, num_layers=10, num_heads=12, num_kv_heads=4,
-                 head_dim=64, intermediate_size=2048),
+    "demo": dict(
+        vocab_size=512, hidden_size=192, num_layers=4, num_heads=3, num_kv_heads=1, head_dim=64, intermediate_size=512
+    ),
+    "45m": dict(
+        vocab_size=32000,
+        hidden_size=512,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=64,
+        intermediate_size=1536,
+    ),
+    "110m": dict(
+        vocab_size=32000,
+        hidden_size=768,
+        num_layers=10,
+        num_heads=12,
+        num_kv_heads=4,
+        head_dim=64,
+        intermediate_size=2048,
+    ),
     # Llama 3.2 1B: tied embeddings, 1.24B parameters.
-    "gpu_1b": dict(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
-                   head_dim=64, intermediate_size=8192, tie_embeddings=True, rope_theta=500000.0),
+    "gpu_1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=64,
+        intermediate_size=8192,
+        tie_embeddings=True,
+        rope_theta=500000.0,
+    ),
 }
 OPTIM = dict(learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0)
 
@@ -74,10 +104,13 @@ def random_batch(shape: dict, batch: int, length: int, seed: int = 0) -> dict:
   tokens = rng.integers(0, shape["vocab_size"], (batch, length + 1), dtype=np.int32)
   ones = np.ones((batch, length), np.int32)
   return {
-      "inputs": tokens[:, :-1].copy(), "targets": tokens[:, 1:].copy(),
+      "inputs": tokens[:, :-1].copy(),
+      "targets": tokens[:, 1:].copy(),
       "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
-      "segment_ids": ones, "weights": ones.astype(np.float32),
-      "objective_ids": np.zeros_like(ones), "source_ids": np.zeros_like(ones),
+      "segment_ids": ones,
+      "weights": ones.astype(np.float32),
+      "objective_ids": np.zeros_like(ones),
+      "source_ids": np.zeros_like(ones),
   }
 
 
@@ -85,8 +118,15 @@ def matmul_shapes(shape: dict, tokens: int) -> list[tuple[int, int, int]]:
   """(rows, in, out) of the step's projections, once per layer (lm head once)."""
   d, q, kv = shape["hidden_size"], shape["num_heads"] * shape["head_dim"], shape["num_kv_heads"] * shape["head_dim"]
   f = shape["intermediate_size"]
-  layer = [(tokens, d, q), (tokens, d, kv), (tokens, d, kv), (tokens, q, d),
-           (tokens, d, f), (tokens, d, f), (tokens, f, d)]
+  layer = [
+      (tokens, d, q),
+      (tokens, d, kv),
+      (tokens, d, kv),
+      (tokens, q, d),
+      (tokens, d, f),
+      (tokens, d, f),
+      (tokens, f, d),
+  ]
   return layer * shape["num_layers"] + [(tokens, d, shape["vocab_size"])]
 
 
@@ -112,8 +152,9 @@ class JaxSide:
     config = model_config(shape_name, **model_overrides)
     self.model_config = config
     model = Transformer(config)
-    optim_config = ml_collections.ConfigDict(dict(OPTIM, schedule="constant", warmup_steps=0,
-                                                  warmup_ratio=0.0, end_lr_ratio=1.0))
+    optim_config = ml_collections.ConfigDict(
+        dict(OPTIM, schedule="constant", warmup_steps=0, warmup_ratio=0.0, end_lr_ratio=1.0)
+    )
     tx, schedule = optim.make_optimizer(optim_config, num_steps=1000)
     self.mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
     layout = train.state_layout(model, tx, self.mesh, seed=0)
@@ -157,18 +198,29 @@ class TorchSide:
     shape = SHAPES[shape_name]
     self.torch = torch
     hf_config = transformers.LlamaConfig(
-        vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
-        num_hidden_layers=shape["num_layers"], num_attention_heads=shape["num_heads"],
-        num_key_value_heads=shape["num_kv_heads"], head_dim=shape["head_dim"],
-        intermediate_size=shape["intermediate_size"], max_position_embeddings=max(length, 2048),
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-        bos_token_id=None, eos_token_id=None, pad_token_id=0,
+        vocab_size=shape["vocab_size"],
+        hidden_size=shape["hidden_size"],
+        num_hidden_layers=shape["num_layers"],
+        num_attention_heads=shape["num_heads"],
+        num_key_value_heads=shape["num_kv_heads"],
+        head_dim=shape["head_dim"],
+        intermediate_size=shape["intermediate_size"],
+        max_position_embeddings=max(length, 2048),
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
     )
     torch.manual_seed(0)
     self.model = transformers.LlamaForCausalLM(hf_config).train()
     self.optimizer = torch.optim.AdamW(
-        self.model.parameters(), lr=OPTIM["learning_rate"], betas=(OPTIM["b1"], OPTIM["b2"]),
-        eps=OPTIM["eps"], weight_decay=OPTIM["weight_decay"],
+        self.model.parameters(),
+        lr=OPTIM["learning_rate"],
+        betas=(OPTIM["b1"], OPTIM["b2"]),
+        eps=OPTIM["eps"],
+        weight_decay=OPTIM["weight_decay"],
     )
     host = random_batch(shape, batch, length)
     self.inputs = torch.from_numpy(host["inputs"]).long()
@@ -226,9 +278,17 @@ def serve(side) -> None:
 
 
 class Worker:
+
   def __init__(self, side: str, shape: str, batch: int, length: int):
-    args = [sys.executable, __file__, f"--worker={side}", f"--shape={shape}", f"--batch={batch}",
-            f"--length={length}", f"--scan_layers={_SCAN_LAYERS.value}"]
+    args = [
+        sys.executable,
+        __file__,
+        f"--worker={side}",
+        f"--shape={shape}",
+        f"--batch={batch}",
+        f"--length={length}",
+        f"--scan_layers={_SCAN_LAYERS.value}",
+    ]
     if _REMAT.value:
       args.append(f"--remat_policy={_REMAT.value}")
     if _ATTENTION.value:
@@ -280,8 +340,14 @@ def side_by_side(shape_name: str, batch: int, length: int, steps: int, warmup: i
       w.close()
   config = model_config(shape_name)
   step_flops = metrics.train_flops_per_token(config, length) * batch * length
-  row = dict(shape=shape_name, params=config.num_params(), batch=batch, length=length,
-             scan_layers=_SCAN_LAYERS.value, steps=steps)
+  row = dict(
+      shape=shape_name,
+      params=config.num_params(),
+      batch=batch,
+      length=length,
+      scan_layers=_SCAN_LAYERS.value,
+      steps=steps,
+  )
   for name, t in times.items():
     median = statistics.median(t)
     row[f"{name}_step_s"] = median
@@ -295,9 +361,12 @@ def side_by_side(shape_name: str, batch: int, length: int, steps: int, warmup: i
 
 def print_row(row: dict) -> None:
   matmul = lambda side: f"{row[f'{side}_matmul_gflops']:7.1f}" if f"{side}_matmul_gflops" in row else "      -"
-  print(f"{row['shape']:>5} {row['params'] / 1e6:6.1f}M | {row['jax_tokens_per_s']:9.0f} "
-        f"{row['jax_gflops']:7.1f} {matmul('jax')} | {row['torch_tokens_per_s']:9.0f} "
-        f"{row['torch_gflops']:7.1f} {matmul('torch')} | {row['ratio']:5.2f}", flush=True)
+  print(
+      f"{row['shape']:>5} {row['params'] / 1e6:6.1f}M | {row['jax_tokens_per_s']:9.0f} "
+      f"{row['jax_gflops']:7.1f} {matmul('jax')} | {row['torch_tokens_per_s']:9.0f} "
+      f"{row['torch_gflops']:7.1f} {matmul('torch')} | {row['ratio']:5.2f}",
+      flush=True,
+  )
 
 
 def gpu_benchmark(batch: int, length: int, steps: int, warmup: int) -> dict:
@@ -305,8 +374,13 @@ def gpu_benchmark(batch: int, length: int, steps: int, warmup: int) -> dict:
 
   from cftjax import metrics
 
-  overrides = dict(dtype="bfloat16", param_dtype="float32", scan_layers=_SCAN_LAYERS.value,
-                   attention_impl=_ATTENTION.value or "cudnn", remat_policy=_REMAT.value or "dots_no_batch")
+  overrides = dict(
+      dtype="bfloat16",
+      param_dtype="float32",
+      scan_layers=_SCAN_LAYERS.value,
+      attention_impl=_ATTENTION.value or "cudnn",
+      remat_policy=_REMAT.value or "dots_no_batch",
+  )
   side = JaxSide("gpu_1b", batch, length, **overrides)
   config = side.model_config
   for _ in range(warmup):
@@ -316,12 +390,23 @@ def gpu_benchmark(batch: int, length: int, steps: int, warmup: int) -> dict:
   tokens_per_s = batch * length / median
   flops_per_token = metrics.train_flops_per_token(config, length)
   mfu = metrics.mfu(tokens_per_s, flops_per_token, 1)
-  row = dict(shape="gpu_1b", device=jax.devices()[0].device_kind, params=config.num_params(), batch=batch,
-             length=length, step_s=median, tokens_per_s=tokens_per_s,
-             tflops=tokens_per_s * flops_per_token / 1e12, mfu=mfu, **overrides)
-  print(f"{row['device']}: {config.num_params() / 1e9:.2f}B params, batch {batch} x {length}, "
-        f"{overrides}: step {median:.3f} s, {tokens_per_s:,.0f} tokens/s, "
-        f"{row['tflops']:.1f} TFLOP/s, MFU " + (f"{mfu:.1%}" if mfu is not None else "n/a (unknown peak)"))
+  row = dict(
+      shape="gpu_1b",
+      device=jax.devices()[0].device_kind,
+      params=config.num_params(),
+      batch=batch,
+      length=length,
+      step_s=median,
+      tokens_per_s=tokens_per_s,
+      tflops=tokens_per_s * flops_per_token / 1e12,
+      mfu=mfu,
+      **overrides,
+  )
+  print(
+      f"{row['device']}: {config.num_params() / 1e9:.2f}B params, batch {batch} x {length}, "
+      f"{overrides}: step {median:.3f} s, {tokens_per_s:,.0f} tokens/s, "
+      f"{row['tflops']:.1f} TFLOP/s, MFU " + (f"{mfu:.1%}" if mfu is not None else "n/a (unknown peak)")
+  )
   return row
 
 
@@ -353,11 +438,15 @@ def main(argv):
     for name in _SHAPES.value:
       if name not in SHAPES or name == "gpu_1b":
         raise ValueError(f"--shapes: unknown CPU shape {name!r}; choose from demo, 45m, 110m")
-    print(f"batch {batch} x {length}, median of {_STEPS.value} steps after {_WARMUP.value}, steps "
-          f"alternating; torch {torch.__version__} ({torch.get_num_threads()} threads); "
-          f"scan_layers={_SCAN_LAYERS.value}; load average {os.getloadavg()[0]:.1f}")
-    print(f"{'shape':>5} {'params':>7} | {'cftjax tok/s':>9} {'GFLOP/s':>7} {'matmul':>7} | "
-          f"{'torch tok/s':>9} {'GFLOP/s':>7} {'matmul':>7} | ratio")
+    print(
+        f"batch {batch} x {length}, median of {_STEPS.value} steps after {_WARMUP.value}, steps "
+        f"alternating; torch {torch.__version__} ({torch.get_num_threads()} threads); "
+        f"scan_layers={_SCAN_LAYERS.value}; load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"{'shape':>5} {'params':>7} | {'cftjax tok/s':>9} {'GFLOP/s':>7} {'matmul':>7} | "
+        f"{'torch tok/s':>9} {'GFLOP/s':>7} {'matmul':>7} | ratio"
+    )
     results = []
     for name in _SHAPES.value:
       results.append(side_by_side(name, batch, length, _STEPS.value, _WARMUP.value))

@@ -25,13 +25,19 @@ from cftjax import cli
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "import: Hugging Face model directory (config.json + safetensors).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "export: cftjax checkpoint directory or training workdir.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (must not exist or be empty).", required=True)
-_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
-                                 "import: dtype of the stored parameters (model.param_dtype).")
+_PARAM_DTYPE = flags.DEFINE_enum(
+    "param_dtype", "float32", ["float32", "bfloat16"], "import: dtype of the stored parameters (model.param_dtype)."
+)
 _SCAN_LAYERS = flags.DEFINE_bool("scan_layers", True, "import: stack layers on a leading axis (model.scan_layers).")
-_MAX_LENGTH = flags.DEFINE_integer("max_length", 2048, "import: sequence length you will train with "
-                                   "(checked against a sliding attention window).")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float16", "float32"],
-                           "export: weight dtype; default the original model's torch_dtype, else param_dtype.")
+_MAX_LENGTH = flags.DEFINE_integer(
+    "max_length", 2048, "import: sequence length you will train with " "(checked against a sliding attention window)."
+)
+_DTYPE = flags.DEFINE_enum(
+    "dtype",
+    None,
+    ["bfloat16", "float16", "float32"],
+    "export: weight dtype; default the original model's torch_dtype, else param_dtype.",
+)
 _MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", "5GB", "export: largest safetensors file, e.g. 5GB, 500MB.")
 _STEP = flags.DEFINE_integer("step", None, "export: checkpoint step (default: the newest).")
 
@@ -67,14 +73,22 @@ def main(argv: list[str]) -> int:
     config.model.scan_layers = _SCAN_LAYERS.value
     config.data.max_length = _MAX_LENGTH.value
     saved = hf.import_to_checkpoint(_HF_DIR.value, _OUT.value, mesh, config)
-    print(f"imported {saved.model.family} ({saved.model.num_layers} layers) into {_OUT.value}; "
-          f"tokenizer in {saved.data.tokenizer}; "
-          f"{chat_templates.describe(saved.data.chat_template, saved.data.tokenizer)}")
+    print(
+        f"imported {saved.model.family} ({saved.model.num_layers} layers) into {_OUT.value}; "
+        f"tokenizer in {saved.data.tokenizer}; "
+        f"{chat_templates.describe(saved.data.chat_template, saved.data.tokenizer)}"
+    )
   else:
     if not _CHECKPOINT.value:
       raise cli.UserError("export needs --checkpoint=DIR")
-    out = hf.export_checkpoint(_CHECKPOINT.value, _OUT.value, mesh, dtype=_DTYPE.value,
-                               max_shard_bytes=parse_size(_MAX_SHARD_SIZE.value), step=_STEP.value)
+    out = hf.export_checkpoint(
+        _CHECKPOINT.value,
+        _OUT.value,
+        mesh,
+        dtype=_DTYPE.value,
+        max_shard_bytes=parse_size(_MAX_SHARD_SIZE.value),
+        step=_STEP.value,
+    )
     print(f"exported {_CHECKPOINT.value} to {out}")
   return 0
 

@@ -24,8 +24,12 @@ flags.DEFINE_integer("max_new_tokens", None, "Default: 384 for demo, 2048 otherw
 flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_string("steps", None, "'all' or comma-separated steps: score each on every --data file into "
-                    "<run>/eval/table.md|json (finished pairs are kept).")
+flags.DEFINE_string(
+    "steps",
+    None,
+    "'all' or comma-separated steps: score each on every --data file into "
+    "<run>/eval/table.md|json (finished pairs are kept).",
+)
 flags.DEFINE_string("select_by", None, "Benchmark (file stem) that picks the best step; default the first --data file.")
 flags.DEFINE_integer("num_samples", 1, "Answers per problem (math): pass@k and majority vote; needs --temperature > 0.")
 flags.DEFINE_string("dtype", "", "Inference dtype for weights and compute, e.g. bfloat16; default the run's.")

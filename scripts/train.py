@@ -16,8 +16,11 @@ from cftjax import cli
 _CONFIG = cli.define_config_file("config", "configs/demo.py", "Config file (ml_collections).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<config file stem>.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile ahead of time and print per-device memory; train nothing.")
-_DEVICE_GIB = flags.DEFINE_float("device_memory_gib", None, "With --dry_run: check against this much memory per device "
-                                 "(default: the device's own, when it reports it).")
+_DEVICE_GIB = flags.DEFINE_float(
+    "device_memory_gib",
+    None,
+    "With --dry_run: check against this much memory per device " "(default: the device's own, when it reports it).",
+)
 
 
 def main(argv):

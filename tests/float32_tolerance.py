@@ -40,8 +40,9 @@ def gradient_tolerance(grads_reference, rtol: float):
 
 def assert_gradients_close(got, want, rtol: float, where: str = ""):
   assert jax.tree.structure(got) == jax.tree.structure(want), where
-  for (path, w), g, atol in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got),
-                                jax.tree.leaves(gradient_tolerance(want, rtol))):
+  for (path, w), g, atol in zip(
+      jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got), jax.tree.leaves(gradient_tolerance(want, rtol))
+  ):
     key = jax.tree_util.keystr(path)
     assert atol > 0, f"{where} {key}: no gradient reached this leaf"
     # A sum of no non-zero terms (an embedding row of a token absent from the batch) is 0

@@ -19,7 +19,12 @@ from cftjax.model import ModelConfig, Transformer
 from random_params import draw_params
 
 CONFIG = ModelConfig(
-    vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+    vocab_size=61,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
     intermediate_size=64,
 )
 LENGTH = 16
@@ -108,13 +113,16 @@ def test_mask_allows_exactly_same_segment_and_not_future():
   segments = jnp.asarray([[1, 1, 2, 2, 0]])
   slots = jnp.arange(5)
   mask = np.asarray(attention.attention_mask(segments, segments, slots[None], slots))
-  expected = np.array([
-      [1, 0, 0, 0, 0],
-      [1, 1, 0, 0, 0],
-      [0, 0, 1, 0, 0],
-      [0, 0, 1, 1, 0],
-      [0, 0, 0, 0, 1],  # padding sees only padding: never an empty softmax row
-  ], bool)
+  expected = np.array(
+      [
+          [1, 0, 0, 0, 0],
+          [1, 1, 0, 0, 0],
+          [0, 0, 1, 0, 0],
+          [0, 0, 1, 1, 0],
+          [0, 0, 0, 0, 1],  # padding sees only padding: never an empty softmax row
+      ],
+      bool,
+  )
   assert mask.shape == (1, 1, 5, 5)
   np.testing.assert_array_equal(mask[0, 0], expected)
 
@@ -149,7 +157,7 @@ def test_attention_is_causal_inside_an_example(logits):
   base, changed = logits["base"], logits["last_token_of_1_changed"]
   last = SPANS[1].stop - 1
   np.testing.assert_allclose(changed[:last], base[:last], rtol=0, atol=1e-6)
-  np.testing.assert_allclose(changed[last + 1:], base[last + 1:], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(changed[last + 1 :], base[last + 1 :], rtol=0, atol=1e-6)
   assert np.abs(changed[last] - base[last]).max() > 1e-2
 
 
@@ -158,7 +166,7 @@ def test_padding_produces_no_nan_and_does_not_disturb_real_tokens(logits):
     assert np.isfinite(row).all(), name
   # An example after left padding scores as it does at the start of a row.
   n = EXAMPLE_LENGTHS[0]
-  np.testing.assert_allclose(logits["left_padded_0"][3:3 + n], logits["alone_0"][:n], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(logits["left_padded_0"][3 : 3 + n], logits["alone_0"][:n], rtol=0, atol=1e-5)
 
 
 def test_sliding_window_keeps_exactly_the_last_window_keys():
@@ -242,7 +250,7 @@ def packed_segments(batch: int, length: int, seed: int) -> np.ndarray:
     start, segment = 0, 1
     while start < length - 20:
       n = int(rng.integers(10, 150))
-      row[start:start + n] = segment
+      row[start : start + n] = segment
       start, segment = min(start + n, length), segment + 1
     row[start:] = 0 if rng.random() < 0.5 else segment - 1  # padding, or the last example runs on
   return rows
@@ -252,6 +260,7 @@ def attention_loss(impl, window=0):
   def loss(q, k, v, segments, cotangent):
     mask = attention.self_attention_mask(segments, impl, window)
     return jnp.sum(attention.dot_product_attention(q, k, v, mask, impl) * cotangent)
+
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
@@ -263,7 +272,8 @@ def test_splash_kernel_equals_xla_attention_values_and_gradients(num_kv_heads, w
   k, v = (rng.standard_normal(shape[:2] + (num_kv_heads, 64)).astype(np.float32) for _ in range(2))
   segments, cotangent = packed_segments(2, SPLASH_LENGTH, seed=3), rng.standard_normal(shape).astype(np.float32)
   (want, want_grads), (got, got_grads) = (
-      attention_loss(impl, window)(q, k, v, segments, cotangent) for impl in ("xla", "splash"))
+      attention_loss(impl, window)(q, k, v, segments, cotangent) for impl in ("xla", "splash")
+  )
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for name, g, w in zip("qkv", got_grads, want_grads):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")
@@ -275,7 +285,9 @@ def test_splash_refuses_lengths_that_do_not_tile():
     attention.dot_product_attention(q, q, q, attention.CausalSegments(jnp.ones((1, 200), jnp.int32)), "splash")
 
 
-@pytest.mark.parametrize("backend, length, expected", [("cpu", 256, "xla"), ("tpu", 256, "splash"), ("tpu", 200, "xla")])
+@pytest.mark.parametrize(
+    "backend, length, expected", [("cpu", 256, "xla"), ("tpu", 256, "splash"), ("tpu", 200, "xla")]
+)
 def test_auto_takes_splash_on_tpu_where_the_length_tiles(backend, length, expected, monkeypatch):
   monkeypatch.setattr(attention.jax, "default_backend", lambda: backend)
   q = jnp.zeros((1, length, 2, 64))
@@ -295,8 +307,13 @@ def test_splash_model_sharded_over_a_mesh_equals_xla_on_one_device():
 
   outputs = {}
   for impl, kv_heads in (("xla", 2), ("splash", 2), ("xla", 1), ("splash", 1)):
-    config = dataclasses.replace(CONFIG, head_dim=64, num_kv_heads=kv_heads, attention_impl=impl,
-                                 remat_policy="dots_no_batch" if impl == "splash" else "none")
+    config = dataclasses.replace(
+        CONFIG,
+        head_dim=64,
+        num_kv_heads=kv_heads,
+        attention_impl=impl,
+        remat_policy="dots_no_batch" if impl == "splash" else "none",
+    )
     model = Transformer(config)
     params = host_params(model, seed=kv_heads)
     segments = packed_segments(4, SPLASH_LENGTH, seed=5)
@@ -332,13 +349,21 @@ def reference_rope(x, positions, theta):
   inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
   angles = positions[..., None] * inv_freq
   angles = np.concatenate([angles, angles], -1)[:, :, None, :]
-  rotated = np.concatenate([-x[..., head_dim // 2:], x[..., :head_dim // 2]], -1)
+  rotated = np.concatenate([-x[..., head_dim // 2 :], x[..., : head_dim // 2]], -1)
   return x * np.cos(angles) + rotated * np.sin(angles)
 
 
 def test_rope_matches_the_reference_and_depends_only_on_relative_position():
-  config = ModelConfig(vocab_size=8, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=2,
-                       head_dim=8, intermediate_size=16, rope_theta=500.0)
+  config = ModelConfig(
+      vocab_size=8,
+      hidden_size=16,
+      num_layers=1,
+      num_heads=2,
+      num_kv_heads=2,
+      head_dim=8,
+      intermediate_size=16,
+      rope_theta=500.0,
+  )
   inv_freq = model_lib.rope_inverse_frequencies(config)
   rope = jax.jit(model_lib.apply_rope)
   rng = np.random.default_rng(0)
@@ -353,8 +378,10 @@ def test_rope_matches_the_reference_and_depends_only_on_relative_position():
   np.testing.assert_allclose(np.einsum("bqnh,bknh->bnqk", shifted, shifted), scores, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("num_heads, num_kv_heads, length, block, window", [
-    (4, 2, 96, 32, 0), (3, 1, 100, 32, 0), (4, 4, 96, 96, 0), (4, 2, 96, 16, 24), (2, 1, 70, 32, 40)])
+@pytest.mark.parametrize(
+    "num_heads, num_kv_heads, length, block, window",
+    [(4, 2, 96, 32, 0), (3, 1, 100, 32, 0), (4, 4, 96, 96, 0), (4, 2, 96, 16, 24), (2, 1, 70, 32, 40)],
+)
 def test_blocked_causal_attention_equals_dense_xla_attention(num_heads, num_kv_heads, length, block, window):
   """Self-attention in query blocks (CPU) skips keys no row of a block may see; values and
   gradients equal the dense-mask attention on packed rows, with GQA/MQA, a length that is not
@@ -368,8 +395,12 @@ def test_blocked_causal_attention_equals_dense_xla_attention(num_heads, num_kv_h
   def attend(blocked):
     def f(q, k, v):
       mask = attention.CausalSegments(jnp.asarray(segments), window)
-      return (attention._xla_causal_attention(q, k, v, mask, block) if blocked
-              else attention._xla_attention(q, k, v, mask.dense()))
+      return (
+          attention._xla_causal_attention(q, k, v, mask, block)
+          if blocked
+          else attention._xla_attention(q, k, v, mask.dense())
+      )
+
     grads = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * cotangent), argnums=(0, 1, 2))
     return jax.jit(f)(q, k, v), jax.jit(grads)(q, k, v)
 
@@ -386,7 +417,9 @@ def test_xla_self_attention_runs_in_blocks_on_cpu(monkeypatch):
   mask = attention.self_attention_mask(jnp.ones((1, 96), jnp.int32), "xla")
   assert isinstance(mask, attention.CausalSegments)
   q = jnp.zeros((1, 96, 2, 8))
-  dots = lambda: str(jax.make_jaxpr(lambda q: attention.dot_product_attention(q, q, q, mask, "xla"))(q)).count("dot_general")
+  dots = lambda: str(jax.make_jaxpr(lambda q: attention.dot_product_attention(q, q, q, mask, "xla"))(q)).count(
+      "dot_general"
+  )
   assert dots() == 2 * 3
   monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
   assert dots() == 2

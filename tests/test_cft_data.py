@@ -36,16 +36,27 @@ def tiny_checkpoint(root):
   tok = tokenizers.Tokenizer(tokenizers.models.BPE())
   tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = tokenizers.decoders.ByteLevel()
-  trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-                                           initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  trainer = tokenizers.trainers.BpeTrainer(
+      vocab_size=300,
+      special_tokens=["<|endoftext|>"],
+      show_progress=False,
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+  )
   tok.train_from_iterator([p.get("problem", p.get("question")) for p in PROBLEMS] * 3, trainer)
   tokenizer_dir = root / "tokenizer"
   tokenizer_dir.mkdir(parents=True)
   tok.save(str(tokenizer_dir / "tokenizer.json"))
   (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
   config = base.get_config()
-  config.model.update(vocab_size=tok.get_vocab_size(), hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                      head_dim=8, intermediate_size=64)
+  config.model.update(
+      vocab_size=tok.get_vocab_size(),
+      hidden_size=32,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=8,
+      intermediate_size=64,
+  )
   config.data.chat_template = "plain"
   model = Transformer(ModelConfig.from_config(config.model))
   params = draw_params(nn.meta.unbox(jax.eval_shape(params_init_fn(model))))
@@ -88,15 +99,17 @@ def test_model_student_samples_n_rows_per_problem_graded_by_the_grader(loaded, t
   assert [p.reference for p in problems] == ["42", "7", "1"]
   sampler = cft_data.model_sampler(loaded, max_new_tokens=6, temperature=1.0)
   critic = cft_data.model_critic(loaded, max_new_tokens=4)
-  summary = cft_data.make_cft_data(problems, sampler, critic, tmp_path / "out.jsonl", samples=4,
-                                   problems_per_batch=3, log=lambda _: None)
+  summary = cft_data.make_cft_data(
+      problems, sampler, critic, tmp_path / "out.jsonl", samples=4, problems_per_batch=3, log=lambda _: None
+  )
   ledger = [json.loads(l) for l in cft_data.ledger_path(tmp_path / "out.jsonl").read_text().splitlines()[1:]]
   assert [e["problem"] for e in ledger] == [0, 1, 2] and all(len(e["rows"]) == 4 for e in ledger)
   for entry in ledger:
     assert len({r["response"] for r in entry["rows"]}) > 1  # N samples, not N copies of one
     for row in entry["rows"]:
-      assert row["response_correct"] == (bool(row["response"]) and grading.answers_match(
-          grading.extract_answer(row["response"]), entry["reference"]))
+      assert row["response_correct"] == (
+          bool(row["response"]) and grading.answers_match(grading.extract_answer(row["response"]), entry["reference"])
+      )
       assert row["critique_verdict"] == (grading.parse_verdict(row["critique"]) if row["critique"] else None)
   assert summary["rows_sampled"] == 12 and summary["problems"] == 3
   kept = summary["rows_sampled"] - summary["empty_responses"] - summary["empty_critiques"]
@@ -105,14 +118,28 @@ def test_model_student_samples_n_rows_per_problem_graded_by_the_grader(loaded, t
 
 def test_agreement_for_planted_right_and_wrong_critiques(tmp_path):
   problems = [Problem(0, "a", "What is 40 + 2?", "42")]
-  responses = {0: ["40 + 2 = 42. The answer is 42.", "So \\boxed{42}", "The answer is 41.", "\\boxed{43}",
-                   "The answer is 42", "The answer is 44"]}
-  critiques = {"40 + 2 = 42. The answer is 42.": RIGHT, "So \\boxed{42}": WRONG,   # right response
-               "The answer is 41.": WRONG, "\\boxed{43}": RIGHT,                    # wrong response
-               "The answer is 42": NONE, "The answer is 44": "Conclusion: **wrong**"}
+  responses = {
+      0: [
+          "40 + 2 = 42. The answer is 42.",
+          "So \\boxed{42}",
+          "The answer is 41.",
+          "\\boxed{43}",
+          "The answer is 42",
+          "The answer is 44",
+      ]
+  }
+  critiques = {
+      "40 + 2 = 42. The answer is 42.": RIGHT,
+      "So \\boxed{42}": WRONG,  # right response
+      "The answer is 41.": WRONG,
+      "\\boxed{43}": RIGHT,  # wrong response
+      "The answer is 42": NONE,
+      "The answer is 44": "Conclusion: **wrong**",
+  }
   stub = Planted(responses, critiques)
-  summary = cft_data.make_cft_data(problems, stub.sample, stub.critique, tmp_path / "o.jsonl", samples=6,
-                                   log=lambda _: None)
+  summary = cft_data.make_cft_data(
+      problems, stub.sample, stub.critique, tmp_path / "o.jsonl", samples=6, log=lambda _: None
+  )
   rows = read_rows(tmp_path / "o.jsonl")
   assert [r["response_correct"] for r in rows] == [True, True, False, False, True, False]
   assert [r["critique_verdict"] for r in rows] == ["right", "wrong", "wrong", "right", None, "wrong"]
@@ -136,23 +163,27 @@ def policy_fixture():
   return [Problem(i, str(i), f"q{i}", "42") for i in range(2)], responses, critiques
 
 
-@pytest.mark.parametrize("selection, expected", [
-    (Selection("all"), dict(rows_kept=16, kept_right=10, kept_flawed=4)),
-    (Selection("all", dedupe=True), dict(rows_kept=14, kept_right=8, kept_flawed=4, duplicates_dropped=2)),
-    (Selection("agreeing"), dict(rows_kept=12, kept_right=8, kept_flawed=0)),
-    (Selection("agreeing", dedupe=True), dict(rows_kept=10, kept_right=6, kept_flawed=0)),
-    (Selection("flawed_share", flawed_share=0.25, dedupe=True), dict(rows_kept=13, kept_flawed=3)),
-    (Selection("flawed_share", flawed_share=0.5, dedupe=True), dict(rows_kept=8, kept_flawed=4)),
-    (Selection("flawed_share", flawed_share=0.0), dict(rows_kept=12, kept_flawed=0)),
-    (Selection("all", right_ratio=0.5, dedupe=True), dict(rows_kept=12, kept_right=6)),
-    (Selection("agreeing", right_ratio=0.25, dedupe=True), dict(rows_kept=5, kept_right=1)),
-    (Selection("agreeing", right_ratio=1.0), dict(rows_kept=8, kept_right=8)),
-])
+@pytest.mark.parametrize(
+    "selection, expected",
+    [
+        (Selection("all"), dict(rows_kept=16, kept_right=10, kept_flawed=4)),
+        (Selection("all", dedupe=True), dict(rows_kept=14, kept_right=8, kept_flawed=4, duplicates_dropped=2)),
+        (Selection("agreeing"), dict(rows_kept=12, kept_right=8, kept_flawed=0)),
+        (Selection("agreeing", dedupe=True), dict(rows_kept=10, kept_right=6, kept_flawed=0)),
+        (Selection("flawed_share", flawed_share=0.25, dedupe=True), dict(rows_kept=13, kept_flawed=3)),
+        (Selection("flawed_share", flawed_share=0.5, dedupe=True), dict(rows_kept=8, kept_flawed=4)),
+        (Selection("flawed_share", flawed_share=0.0), dict(rows_kept=12, kept_flawed=0)),
+        (Selection("all", right_ratio=0.5, dedupe=True), dict(rows_kept=12, kept_right=6)),
+        (Selection("agreeing", right_ratio=0.25, dedupe=True), dict(rows_kept=5, kept_right=1)),
+        (Selection("agreeing", right_ratio=1.0), dict(rows_kept=8, kept_right=8)),
+    ],
+)
 def test_policies_and_balance(tmp_path, selection, expected):
   problems, responses, critiques = policy_fixture()
   stub = Planted(responses, critiques)
-  summary = cft_data.make_cft_data(problems, stub.sample, stub.critique, tmp_path / "o.jsonl", samples=8,
-                                   selection=selection, log=lambda _: None)
+  summary = cft_data.make_cft_data(
+      problems, stub.sample, stub.critique, tmp_path / "o.jsonl", samples=8, selection=selection, log=lambda _: None
+  )
   assert {k: summary[k] for k in expected} == expected
   rows = read_rows(tmp_path / "o.jsonl")
   assert len(rows) == summary["rows_kept"]
@@ -162,8 +193,9 @@ def test_policies_and_balance(tmp_path, selection, expected):
   if selection.policy == "agreeing":
     assert all(r["critique_agrees"] for r in rows)
   if selection.dedupe:
-    assert all(len(set(x)) == len(x) for x in [[r["input"].strip() for r in rows if r["problem_id"] == p]
-                                              for p in "01"])
+    assert all(
+        len(set(x)) == len(x) for x in [[r["input"].strip() for r in rows if r["problem_id"] == p] for p in "01"]
+    )
   # A duplicate is critiqued once: the teacher never sees the same text twice per problem.
   assert len(stub.critiqued) == 14
   written = json.loads(cft_data.summary_path(tmp_path / "o.jsonl").read_text())
@@ -175,8 +207,15 @@ def test_reselecting_a_finished_run_generates_nothing(tmp_path):
   stub = Planted(responses, critiques)
   cft_data.make_cft_data(problems, stub.sample, stub.critique, tmp_path / "o.jsonl", samples=8, log=lambda _: None)
   again = Planted(responses, critiques)
-  summary = cft_data.make_cft_data(problems, again.sample, again.critique, tmp_path / "o.jsonl", samples=8,
-                                   selection=Selection("agreeing"), log=lambda _: None)
+  summary = cft_data.make_cft_data(
+      problems,
+      again.sample,
+      again.critique,
+      tmp_path / "o.jsonl",
+      samples=8,
+      selection=Selection("agreeing"),
+      log=lambda _: None,
+  )
   assert again.sampled == [] and again.critiqued == [] and summary["rows_kept"] == 12
 
 
@@ -211,15 +250,18 @@ def test_prepare_data_builds_the_output_unchanged(tmp_path):
   problems, responses, critiques = policy_fixture()
   stub = Planted(responses, critiques)
   out = tmp_path / "cft.jsonl"
-  cft_data.make_cft_data(problems, stub.sample, stub.critique, out, samples=8, selection=Selection(dedupe=True),
-                         log=lambda _: None)
-  result = tfds_builder.build_dataset(inputs=[str(out)], format=records.AUTO, name="made_cft",
-                                      data_dir=str(tmp_path / "tfds"), validation_fraction=0.0)
+  cft_data.make_cft_data(
+      problems, stub.sample, stub.critique, out, samples=8, selection=Selection(dedupe=True), log=lambda _: None
+  )
+  result = tfds_builder.build_dataset(
+      inputs=[str(out)], format=records.AUTO, name="made_cft", data_dir=str(tmp_path / "tfds"), validation_fraction=0.0
+  )
   assert result.format == "webinstruct_cft" and result.counts["train"] == 14 and result.skipped.total == 0
   built = tfds_builder.load_split("made_cft", tmp_path / "tfds", "train")
   rows = {(r["problem_id"], r["sample"]): r for r in read_rows(out)}
-  expected = sorted((f"q{r['problem_id']}", r["input"].split("Solution:\n", 1)[1], r["critique_verdict"])
-                    for r in rows.values())
+  expected = sorted(
+      (f"q{r['problem_id']}", r["input"].split("Solution:\n", 1)[1], r["critique_verdict"]) for r in rows.values()
+  )
   got = sorted((_text(x["query"]), _text(x["response"]), _text(x["label"])) for x in built)
   assert got == expected
 

@@ -55,8 +55,15 @@ LLAMA3_1_TEMPLATE = (
 QWEN_PRETOKENIZE = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
-                  "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
 CORPUS = [
     "Question: What is 12 + 30? Solution: 12 + 30 = 42. The answer is 42.",
     "Please critique whether the following solution to the question is correct.",
@@ -67,17 +74,38 @@ CORPUS = [
 ] * 5
 
 RECORDS = {
-    "sft": {"objective": "sft", "query": "What is 12 + 30?", "response": "12 + 30 = 42.\nThe answer is 42.",
-            "critique": "", "system": "", "history": "[]", "answer": "42", "label": ""},
+    "sft": {
+        "objective": "sft",
+        "query": "What is 12 + 30?",
+        "response": "12 + 30 = 42.\nThe answer is 42.",
+        "critique": "",
+        "system": "",
+        "history": "[]",
+        "answer": "42",
+        "label": "",
+    },
     "sft_system_history": {
-        "objective": "sft", "query": "And 2x + 1 = 7?", "response": "  x = 3 (solve for x)",
-        "critique": "", "system": "You are a careful tutor.",
-        "history": json.dumps([{"role": "user", "content": "Let x be a number."},
-                               {"role": "assistant", "content": "Sure."}]),
-        "answer": "3", "label": ""},
-    "cft": {"objective": "cft", "query": "What is 12 + 30?\n", "response": "Step 1: 12 + 30 = 52.\nAnswer: 52 ",
-            "critique": "Step 1 is wrong: 12 + 30 = 42, not 52.\nConclusion: wrong", "system": "",
-            "history": "[]", "answer": "42", "label": "wrong"},
+        "objective": "sft",
+        "query": "And 2x + 1 = 7?",
+        "response": "  x = 3 (solve for x)",
+        "critique": "",
+        "system": "You are a careful tutor.",
+        "history": json.dumps(
+            [{"role": "user", "content": "Let x be a number."}, {"role": "assistant", "content": "Sure."}]
+        ),
+        "answer": "3",
+        "label": "",
+    },
+    "cft": {
+        "objective": "cft",
+        "query": "What is 12 + 30?\n",
+        "response": "Step 1: 12 + 30 = 52.\nAnswer: 52 ",
+        "critique": "Step 1 is wrong: 12 + 30 = 42, not 52.\nConclusion: wrong",
+        "system": "",
+        "history": "[]",
+        "answer": "42",
+        "label": "wrong",
+    },
 }
 
 
@@ -85,13 +113,17 @@ RECORDS = {
 def tokenizer_json(tmp_path_factory):
   tok = tokenizers.Tokenizer(tokenizers.models.BPE())
   tok.normalizer = tokenizers.normalizers.NFC()
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
-      tokenizers.pre_tokenizers.Split(tokenizers.Regex(QWEN_PRETOKENIZE), behavior="isolated"),
-      tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-  ])
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence(
+      [
+          tokenizers.pre_tokenizers.Split(tokenizers.Regex(QWEN_PRETOKENIZE), behavior="isolated"),
+          tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+      ]
+  )
   tok.decoder = tokenizers.decoders.ByteLevel()
   trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+      vocab_size=400,
+      special_tokens=SPECIAL_TOKENS,
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
       show_progress=False,
   )
   tok.train_from_iterator(CORPUS, trainer)
@@ -103,7 +135,12 @@ def tokenizer_json(tmp_path_factory):
 def _model_dir(tmp_path, tokenizer_json, template: str):
   (tmp_path / "tokenizer.json").write_bytes(tokenizer_json.read_bytes())
   if template == "qwen":
-    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None, "chat_template": QWEN_TEMPLATE}
+    config = {
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "bos_token": None,
+        "chat_template": QWEN_TEMPLATE,
+    }
   else:
     jinja = LLAMA3_TEMPLATE if template == "llama3" else LLAMA3_1_TEMPLATE
     config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": jinja}
@@ -159,7 +196,7 @@ def test_reply_starting_with_a_newline_keeps_the_generation_prompt(tmp_path, tok
   prompt = chat_templates.prompt_ids(conversation.context, "qwen", ours)
   assert ids[: len(prompt)] == prompt and mask.index(1) == len(prompt)
   assert ours.decode(ids) == reference.decode(_hf_ids(reference, _messages(conversation)))
-  assert ours.decode(ids[len(prompt):]) == "\nStep 2:<|im_end|>\n"
+  assert ours.decode(ids[len(prompt) :]) == "\nStep 2:<|im_end|>\n"
 
 
 def test_qwen_default_and_explicit_system_prompts(tmp_path, tokenizer_json):
@@ -189,8 +226,10 @@ def test_unknown_template_is_a_config_error(tmp_path, tokenizer_json):
 def test_llama3_1_system_block_carries_the_dates_and_the_default_system(tmp_path, tokenizer_json):
   ours = load_tokenizer(_model_dir(tmp_path, tokenizer_json, "llama3_1"))
   context = (Turn("user", "What is 12 + 30?"),)
-  dated = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
-           "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n")
+  dated = (
+      "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+      "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+  )
   assert ours.decode(chat_templates.prompt_ids(context, "llama3_1", ours)).startswith(dated + "<|eot_id|>")
   custom = ours.decode(chat_templates.prompt_ids(context, "llama3_1", ours, default_system="Be brief."))
   assert custom.startswith(dated + "Be brief.<|eot_id|><|start_header_id|>user")

@@ -39,8 +39,9 @@ def shardings_for(state, mesh):
 
 
 def abstract(state, mesh):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
-                      shardings_for(state, mesh))
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings_for(state, mesh)
+  )
 
 
 def mesh_of(n: int):
@@ -58,10 +59,13 @@ def on_disk(directory: Path) -> list[int]:
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
-@pytest.mark.parametrize("mode,values", [
-    ("min", [5.0, 1.0, 4.0, 3.0, 6.0, 7.0]),  # best: step 2 (lowest)
-    ("max", [0.1, 0.9, 0.3, 0.2, 0.05, 0.01]),  # best: step 2 (highest)
-])
+@pytest.mark.parametrize(
+    "mode,values",
+    [
+        ("min", [5.0, 1.0, 4.0, 3.0, 6.0, 7.0]),  # best: step 2 (lowest)
+        ("max", [0.1, 0.9, 0.3, 0.2, 0.05, 0.01]),  # best: step 2 (highest)
+    ],
+)
 def test_retention_keeps_the_newest_and_the_best(tmp_path, mode, values):
   config = make_config(best_metric="val_loss", best_mode=mode, keep_best=1)
   with ckpt.make_manager(tmp_path, config.checkpoint, with_data=False) as manager:
@@ -128,8 +132,9 @@ def test_async_save_survives_donating_the_state(tmp_path):
     ckpt.save_train_state(manager, 1, state, None, config)
     state = overwrite(state)  # reuses the saved buffers while the save may still run
     manager.wait_until_finished()
-    _, restored = ckpt.restore_train_state(manager, jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state), None)
+    _, restored = ckpt.restore_train_state(
+        manager, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state), None
+    )
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(np.asarray(got), want)
 
@@ -241,8 +246,10 @@ def test_no_readable_step_is_one_error_naming_each_step(tmp_path):
   empty_a_tensor_file(tmp_path / "2")
   half_write(tmp_path / "1")
   with ckpt.make_manager(tmp_path, config.checkpoint, with_data=False) as manager:
-    with pytest.raises(ckpt.CheckpointError, match=rf"no checkpoint in {tmp_path} could be restored "
-                       r"\(step 2: ValueError: .*; step 1: ValueError: .*\)"):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=rf"no checkpoint in {tmp_path} could be restored " r"\(step 2: ValueError: .*; step 1: ValueError: .*\)",
+    ):
       ckpt.restore_train_state(manager, abstract(tiny_state(), mesh_of(1)), None)
   assert on_disk(tmp_path) == [1, 2]  # nothing moved: no step is known good
 

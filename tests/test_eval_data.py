@@ -12,67 +12,73 @@ from cftjax.eval_data import (
 
 
 def write_jsonl(path, rows):
-    """Rows are dicts (dumped as JSON) or raw strings (written verbatim)."""
-    lines = [row if isinstance(row, str) else json.dumps(row) for row in rows]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+  """Rows are dicts (dumped as JSON) or raw strings (written verbatim)."""
+  lines = [row if isinstance(row, str) else json.dumps(row) for row in rows]
+  path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+  return path
 
 
 def test_math_shapes_are_detected_per_row(tmp_path):
-    path = write_jsonl(
-        tmp_path / "mixed.jsonl",
-        [
-            {"question": "Janet has 3 ...?", "answer": "3 * 6 = 18\n#### 1,218"},
-            {"problem": "What is 1/2 + 0?", "answer": "\\frac{1}{2}", "unique_id": "test/1.json"},
-            {"problem": "Compute x.", "solution": "So $x = \\boxed{\\frac{\\sqrt{2}}{2}}$."},
-            "",  # blank line: not a row
-            {"prompt": "2 + 2 = ?", "answer": 4, "id": 7},
-        ],
-    )
-    examples = load_eval_file(path, "math")
-    assert examples == [
-        EvalExample(id="mixed-1", question="Janet has 3 ...?", reference="1218", line=1),
-        EvalExample(id="test/1.json", question="What is 1/2 + 0?", reference="\\frac{1}{2}", line=2),
-        EvalExample(id="mixed-3", question="Compute x.", reference="\\frac{\\sqrt{2}}{2}", line=3),
-        EvalExample(id="7", question="2 + 2 = ?", reference="4", line=5),
-    ]
+  path = write_jsonl(
+      tmp_path / "mixed.jsonl",
+      [
+          {"question": "Janet has 3 ...?", "answer": "3 * 6 = 18\n#### 1,218"},
+          {"problem": "What is 1/2 + 0?", "answer": "\\frac{1}{2}", "unique_id": "test/1.json"},
+          {"problem": "Compute x.", "solution": "So $x = \\boxed{\\frac{\\sqrt{2}}{2}}$."},
+          "",  # blank line: not a row
+          {"prompt": "2 + 2 = ?", "answer": 4, "id": 7},
+      ],
+  )
+  examples = load_eval_file(path, "math")
+  assert examples == [
+      EvalExample(id="mixed-1", question="Janet has 3 ...?", reference="1218", line=1),
+      EvalExample(id="test/1.json", question="What is 1/2 + 0?", reference="\\frac{1}{2}", line=2),
+      EvalExample(id="mixed-3", question="Compute x.", reference="\\frac{\\sqrt{2}}{2}", line=3),
+      EvalExample(id="7", question="2 + 2 = ?", reference="4", line=5),
+  ]
 
 
 @pytest.mark.parametrize(
     "label, expected",
-    [("right", "right"), ("Wrong", "wrong"), ("true", "right"), (False, "wrong"),
-     ("correct", "right"), ("incorrect", "wrong"), (1, "right"), ("0", "wrong")],
+    [
+        ("right", "right"),
+        ("Wrong", "wrong"),
+        ("true", "right"),
+        (False, "wrong"),
+        ("correct", "right"),
+        ("incorrect", "wrong"),
+        (1, "right"),
+        ("0", "wrong"),
+    ],
 )
 def test_critique_labels(tmp_path, label, expected):
-    path = write_jsonl(tmp_path / "c.jsonl", [{"query": "Q", "response": "R", "label": label}])
-    (example,) = load_eval_file(path, "critique")
-    assert example.label == expected
+  path = write_jsonl(tmp_path / "c.jsonl", [{"query": "Q", "response": "R", "label": label}])
+  (example,) = load_eval_file(path, "critique")
+  assert example.label == expected
 
 
 def test_critique_row_shapes(tmp_path):
-    path = write_jsonl(
-        tmp_path / "crit.jsonl",
-        [
-            {"query": "Q1", "response": "R1", "label": "right", "answer": "5"},
-            {"question": "Q2", "solution": "R2", "label": "wrong"},
-            {"problem": "Q3", "response": "R3", "label": "wrong"},
-        ],
-    )
-    examples = load_eval_file(path, "critique")
-    assert [(e.question, e.response, e.label, e.reference) for e in examples] == [
-        ("Q1", "R1", "right", "5"),
-        ("Q2", "R2", "wrong", None),
-        ("Q3", "R3", "wrong", None),
-    ]
+  path = write_jsonl(
+      tmp_path / "crit.jsonl",
+      [
+          {"query": "Q1", "response": "R1", "label": "right", "answer": "5"},
+          {"question": "Q2", "solution": "R2", "label": "wrong"},
+          {"problem": "Q3", "response": "R3", "label": "wrong"},
+      ],
+  )
+  examples = load_eval_file(path, "critique")
+  assert [(e.question, e.response, e.label, e.reference) for e in examples] == [
+      ("Q1", "R1", "right", "5"),
+      ("Q2", "R2", "wrong", None),
+      ("Q3", "R3", "wrong", None),
+  ]
 
 
 def test_json_list_file_keeps_line_numbers(tmp_path):
-    path = tmp_path / "math500.json"
-    path.write_text(
-        '[\n  {"problem": "P1", "answer": "1"},\n\n  {"problem": "P2",\n   "answer": "2"}\n]\n'
-    )
-    examples = load_eval_file(path, "math")
-    assert [(e.question, e.reference, e.line) for e in examples] == [("P1", "1", 2), ("P2", "2", 4)]
+  path = tmp_path / "math500.json"
+  path.write_text('[\n  {"problem": "P1", "answer": "1"},\n\n  {"problem": "P2",\n   "answer": "2"}\n]\n')
+  examples = load_eval_file(path, "math")
+  assert [(e.question, e.reference, e.line) for e in examples] == [("P1", "1", 2), ("P2", "2", 4)]
 
 
 @pytest.mark.parametrize(
@@ -94,9 +100,9 @@ def test_json_list_file_keeps_line_numbers(tmp_path):
     ],
 )
 def test_bad_rows_name_file_and_line(tmp_path, task, rows, line, reason):
-    path = write_jsonl(tmp_path / "bad_rows.jsonl", rows)
-    with pytest.raises(ValueError, match=rf"bad_rows\.jsonl:{line}: .*{reason}"):
-        load_eval_file(path, task)
+  path = write_jsonl(tmp_path / "bad_rows.jsonl", rows)
+  with pytest.raises(ValueError, match=rf"bad_rows\.jsonl:{line}: .*{reason}"):
+    load_eval_file(path, task)
 
 
 @pytest.mark.parametrize(
@@ -109,25 +115,25 @@ def test_bad_rows_name_file_and_line(tmp_path, task, rows, line, reason):
     ],
 )
 def test_bad_json_list_names_file_and_line(tmp_path, content, line, reason):
-    path = tmp_path / "bad.json"
-    path.write_text(content)
-    with pytest.raises(ValueError, match=rf"bad\.json:{line}: .*{reason}"):
-        load_eval_file(path, "math")
+  path = tmp_path / "bad.json"
+  path.write_text(content)
+  with pytest.raises(ValueError, match=rf"bad\.json:{line}: .*{reason}"):
+    load_eval_file(path, "math")
 
 
 def test_empty_file_and_unknown_task(tmp_path):
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n\n")
-    with pytest.raises(ValueError, match="empty.jsonl: no examples"):
-        load_eval_file(empty, "math")
-    with pytest.raises(ValueError, match="unknown eval task 'translation'"):
-        load_eval_file(empty, "translation")
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("\n\n")
+  with pytest.raises(ValueError, match="empty.jsonl: no examples"):
+    load_eval_file(empty, "math")
+  with pytest.raises(ValueError, match="unknown eval task 'translation'"):
+    load_eval_file(empty, "translation")
 
 
 def test_math_prompt():
-    assert MATH_SYSTEM_PROMPT == "Please reason step by step, and put your final answer within \\boxed{}."
-    assert math_user_text("  What is 2+2?\n") == "What is 2+2?"
-    assert math_messages("What is 2+2?") == [
-        {"role": "system", "content": MATH_SYSTEM_PROMPT},
-        {"role": "user", "content": "What is 2+2?"},
-    ]
+  assert MATH_SYSTEM_PROMPT == "Please reason step by step, and put your final answer within \\boxed{}."
+  assert math_user_text("  What is 2+2?\n") == "What is 2+2?"
+  assert math_messages("What is 2+2?") == [
+      {"role": "system", "content": MATH_SYSTEM_PROMPT},
+      {"role": "user", "content": "What is 2+2?"},
+  ]

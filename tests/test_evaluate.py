@@ -81,13 +81,21 @@ def test_scoring_rows_uses_verdicts_and_answers():
   assert [r["correct"] for r in critiques] == [True, False, False]
   assert scores["tp"] == 1 and scores["fp"] == 1 and scores["unparsed"] == 1
   by_kind = evaluate.demo_verdicts_by_error_kind(
-      [{"query": "Start with 12. Add 3, then subtract 4. What is the result?", "response": response}
-       for response in ("Step 1: 12 + 3 = 16\nStep 2: 16 - 4 = 12\nThe answer is 12.",
-                        "Step 1: 12 + 3 = 15\nStep 2: 15 - 4 = 11\nThe answer is 11.",
-                        "Step 1: 12 + 3 = 15\nStep 2: 17 - 4 = 13\nThe answer is 13.")],
-      critiques)
-  assert by_kind == {"critique_accuracy_right": 0.0, "critique_accuracy_arithmetic": 1.0,
-                     "critique_accuracy_carried": 0.0}
+      [
+          {"query": "Start with 12. Add 3, then subtract 4. What is the result?", "response": response}
+          for response in (
+              "Step 1: 12 + 3 = 16\nStep 2: 16 - 4 = 12\nThe answer is 12.",
+              "Step 1: 12 + 3 = 15\nStep 2: 15 - 4 = 11\nThe answer is 11.",
+              "Step 1: 12 + 3 = 15\nStep 2: 17 - 4 = 13\nThe answer is 13.",
+          )
+      ],
+      critiques,
+  )
+  assert by_kind == {
+      "critique_accuracy_right": 0.0,
+      "critique_accuracy_arithmetic": 1.0,
+      "critique_accuracy_carried": 0.0,
+  }
   answers, summary = evaluate.answer_rows(
       [{"answer": "58"}, {"answer": "7"}], ["Step 1: ...\nThe answer is 58.", "I think \\boxed{8}"]
   )
@@ -97,12 +105,24 @@ def test_scoring_rows_uses_verdicts_and_answers():
 def test_in_training_generation_metric_drives_best_checkpoint(tmp_path):
   config = demo.get_config()
   config.data.data_dir = str(tmp_path / "data")
-  config.update_from_flattened_dict({
-      **TINY, "mesh.fsdp": 1, "mesh.tensor": 1, "train.global_batch_size": 2, "train.num_steps": 4,
-      "train.eval_every": 1, "train.eval_batches": 1, "checkpoint.every_steps": 1, "checkpoint.keep": 1,
-      "train.eval_generation_examples": 2, "train.eval_generation_max_new_tokens": 4,
-      "checkpoint.best_metric": "val_critique_accuracy", "checkpoint.best_mode": "max", "checkpoint.keep_best": 1,
-  })
+  config.update_from_flattened_dict(
+      {
+          **TINY,
+          "mesh.fsdp": 1,
+          "mesh.tensor": 1,
+          "train.global_batch_size": 2,
+          "train.num_steps": 4,
+          "train.eval_every": 1,
+          "train.eval_batches": 1,
+          "checkpoint.every_steps": 1,
+          "checkpoint.keep": 1,
+          "train.eval_generation_examples": 2,
+          "train.eval_generation_max_new_tokens": 4,
+          "checkpoint.best_metric": "val_critique_accuracy",
+          "checkpoint.best_mode": "max",
+          "checkpoint.keep_best": 1,
+      }
+  )
   train.run(config, tmp_path / "run", devices=jax.devices()[:1], evaluators=evaluators.from_config(config))
   lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   generated = [l for l in lines if "val_critique_accuracy" in l]

@@ -22,8 +22,15 @@ PROMPTS = [[3, 9, 4], list(range(5, 25)), [7], [11, 2, 30, 41, 8, 8, 19]]
 
 def tiny_config(scan_layers: bool = True, sliding_window: int = 0) -> ModelConfig:
   return ModelConfig(
-      vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-      head_dim=8, intermediate_size=64, scan_layers=scan_layers, sliding_window=sliding_window,
+      vocab_size=VOCAB,
+      hidden_size=32,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=8,
+      intermediate_size=64,
+      scan_layers=scan_layers,
+      sliding_window=sliding_window,
   )
 
 
@@ -74,7 +81,7 @@ def reference_greedy(model, params, prompts, num_new):
     logits = np.asarray(apply(params, tokens, positions, segments))
     for row, seq in enumerate(sequences):
       seq.append(int(logits[row, len(seq) - 1].argmax()))
-  return [seq[len(p):] for seq, p in zip(sequences, prompts)]
+  return [seq[len(p) :] for seq, p in zip(sequences, prompts)]
 
 
 # ------------------------------------------------------------------------------ exactness
@@ -120,8 +127,13 @@ def test_prefill_computes_logits_for_the_last_position_only(tie_embeddings):
   _, params = init_params(config)
   batch, length = 2, 16
   program = functools.partial(
-      gen.generate_tokens, model=Transformer(config), max_new_tokens=4, temperature=0.0,
-      top_p=1.0, eos_ids=(), pad_id=0,
+      gen.generate_tokens,
+      model=Transformer(config),
+      max_new_tokens=4,
+      temperature=0.0,
+      top_p=1.0,
+      eos_ids=(),
+      pad_id=0,
   )
   tokens, lengths = gen.left_pad([[1, 2, 3], [4]], length, pad_id=0)
   jaxpr = jax.make_jaxpr(program)(params, tokens, lengths, np.zeros((batch, 2), np.uint32))
@@ -167,7 +179,7 @@ def test_eos_stops_each_row_at_its_first_eos(tiny):
   out, num = (np.asarray(x) for x in run(params, tokens, lengths, keys))
   first_eos = len(stopped[0])
   assert num.tolist() == [len(r) for r in stopped]
-  assert out[0, first_eos] in eos_ids and (out[0, first_eos + 1:] == pad_id).all()
+  assert out[0, first_eos] in eos_ids and (out[0, first_eos + 1 :] == pad_id).all()
 
   # A zero head ties every logit, so argmax picks token 0 = EOS: all rows end at once.
   zero_head = {**params, "lm_head": {"kernel": jnp.zeros_like(params["lm_head"]["kernel"])}}
@@ -197,9 +209,7 @@ def test_stop_strings_cut_tokens_on_host(tiny):
 def test_sampling_is_seeded_and_reproducible():
   # Near-uniform logits: two seeds agreeing on 4 x 8 draws would be a bug, not luck.
   model, params = init_params(tiny_config(), seed=2, stddev=0.02)
-  sample = lambda seed: gen.generate(
-      model, params, PROMPTS, dataclasses.replace(SAMPLED, seed=seed), progress=False
-  )
+  sample = lambda seed: gen.generate(model, params, PROMPTS, dataclasses.replace(SAMPLED, seed=seed), progress=False)
   assert sample(0) == sample(0)
   assert sample(0) != sample(1)
 
@@ -255,10 +265,21 @@ def test_greedy_matches_transformers_generate(tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   hf_config = transformers.LlamaConfig(
-      vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=256,
-      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-      initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=0,
+      vocab_size=VOCAB,
+      hidden_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      head_dim=8,
+      intermediate_size=64,
+      max_position_embeddings=256,
+      rms_norm_eps=1e-5,
+      rope_theta=10000.0,
+      tie_word_embeddings=False,
+      initializer_range=0.2,
+      bos_token_id=None,
+      eos_token_id=None,
+      pad_token_id=0,
   )
   torch.manual_seed(0)
   hf_model = transformers.LlamaForCausalLM(hf_config).eval()
@@ -270,10 +291,8 @@ def test_greedy_matches_transformers_generate(tmp_path):
   with torch.no_grad():
     for prompt in PROMPTS:  # batch 1 each: no HF padding semantics involved
       ids = torch.tensor([prompt])
-      out = hf_model.generate(
-          ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False
-      )
-      expected.append(out[0, len(prompt):].tolist())
+      out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False)
+      expected.append(out[0, len(prompt) :].tolist())
   # One left-padded batch on our side (same shapes as the other tests: no new compile).
   assert gen.generate(Transformer(config), params, PROMPTS, settings(), progress=False) == expected
 

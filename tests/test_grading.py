@@ -30,7 +30,7 @@ from cftjax.grading import (
     ],
 )
 def test_extract_boxed(text, expected):
-    assert extract_boxed(text) == expected
+  assert extract_boxed(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,7 @@ def test_extract_boxed(text, expected):
     ],
 )
 def test_extract_answer(text, expected):
-    assert extract_answer(text) == expected
+  assert extract_answer(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -75,7 +75,7 @@ def test_extract_answer(text, expected):
     ],
 )
 def test_normalize_answer(raw, expected):
-    assert normalize_answer(raw) == expected
+  assert normalize_answer(raw) == expected
 
 
 @pytest.mark.parametrize(
@@ -92,15 +92,15 @@ def test_normalize_answer(raw, expected):
     ],
 )
 def test_answers_match_without_symbolic_engine(predicted, reference, monkeypatch):
-    # These must be decided by normalisation / exact numbers alone.
-    monkeypatch.setitem(sys.modules, "math_verify", None)
-    assert answers_match(predicted, reference)
+  # These must be decided by normalisation / exact numbers alone.
+  monkeypatch.setitem(sys.modules, "math_verify", None)
+  assert answers_match(predicted, reference)
 
 
 @pytest.mark.parametrize("predicted, reference", [("3", "4"), ("0.5", "\\frac{1}{3}"), ("-18", "18")])
 def test_different_numbers_do_not_match(predicted, reference, monkeypatch):
-    monkeypatch.setitem(sys.modules, "math_verify", None)
-    assert not answers_match(predicted, reference)
+  monkeypatch.setitem(sys.modules, "math_verify", None)
+  assert not answers_match(predicted, reference)
 
 
 @pytest.mark.parametrize(
@@ -117,40 +117,38 @@ def test_different_numbers_do_not_match(predicted, reference, monkeypatch):
     ],
 )
 def test_answers_match_symbolic(predicted, reference, expected):
-    pytest.importorskip("math_verify")
-    assert answers_match(predicted, reference) is expected
+  pytest.importorskip("math_verify")
+  assert answers_match(predicted, reference) is expected
 
 
 def test_output_without_answer_grades_wrong():
-    assert answers_match(extract_answer("I give up."), "18") is False
-    assert answers_match("", "0") is False
+  assert answers_match(extract_answer("I give up."), "18") is False
+  assert answers_match("", "0") is False
 
 
 def test_symbolic_path_works_outside_main_thread():
-    pytest.importorskip("math_verify")
-    results = []
-    worker = threading.Thread(
-        target=lambda: results.append(answers_match("\\sqrt{12}", "2\\sqrt{3}"))
-    )
-    worker.start()
-    worker.join(timeout=60)
-    assert results == [True]
+  pytest.importorskip("math_verify")
+  results = []
+  worker = threading.Thread(target=lambda: results.append(answers_match("\\sqrt{12}", "2\\sqrt{3}")))
+  worker.start()
+  worker.join(timeout=60)
+  assert results == [True]
 
 
 def test_missing_math_verify_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "math_verify", None)
-    with pytest.raises(ImportError, match=r"cftjax\[eval\]"):
-        answers_match("\\sqrt{12}", "2\\sqrt{3}")
+  monkeypatch.setitem(sys.modules, "math_verify", None)
+  with pytest.raises(ImportError, match=r"cftjax\[eval\]"):
+    answers_match("\\sqrt{12}", "2\\sqrt{3}")
 
 
 def test_parse_gsm8k_reference():
-    assert parse_gsm8k_reference("3 * 6 = <<3*6=18>>18\n#### 18") == "18"
-    assert parse_gsm8k_reference("... #### 1,234") == "1234"
-    assert parse_gsm8k_reference("#### -5") == "-5"
-    with pytest.raises(ValueError, match="####"):
-        parse_gsm8k_reference("no marker")
-    with pytest.raises(ValueError, match="nothing after"):
-        parse_gsm8k_reference("#### ")
+  assert parse_gsm8k_reference("3 * 6 = <<3*6=18>>18\n#### 18") == "18"
+  assert parse_gsm8k_reference("... #### 1,234") == "1234"
+  assert parse_gsm8k_reference("#### -5") == "-5"
+  with pytest.raises(ValueError, match="####"):
+    parse_gsm8k_reference("no marker")
+  with pytest.raises(ValueError, match="nothing after"):
+    parse_gsm8k_reference("#### ")
 
 
 @pytest.mark.parametrize(
@@ -169,29 +167,29 @@ def test_parse_gsm8k_reference():
     ],
 )
 def test_parse_verdict(critique, expected):
-    assert parse_verdict(critique) == expected
+  assert parse_verdict(critique) == expected
 
 
 def test_critique_scores_on_a_hand_computed_table():
-    # label:  W  W  W  W  R  R  R  R
-    # pred:   W  W  R  -  W  R  R  -
-    # tp=2 (0,1) fn=2 (2,3) fp=1 (4) tn=2 (5,6) unparsed=2 (3,7)
-    predicted = ["wrong", "wrong", "right", None, "wrong", "right", "right", None]
-    labels = ["wrong"] * 4 + ["right"] * 4
-    scores = critique_scores(predicted, labels)
-    assert (scores["tp"], scores["fp"], scores["fn"], scores["tn"]) == (2, 1, 2, 2)
-    assert scores["n"] == 8 and scores["unparsed"] == 2
-    assert scores["accuracy"] == pytest.approx(4 / 8)
-    assert scores["precision"] == pytest.approx(2 / 3)
-    assert scores["recall"] == pytest.approx(2 / 4)
-    assert scores["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
-    assert scores["unparsed_rate"] == pytest.approx(2 / 8)
+  # label:  W  W  W  W  R  R  R  R
+  # pred:   W  W  R  -  W  R  R  -
+  # tp=2 (0,1) fn=2 (2,3) fp=1 (4) tn=2 (5,6) unparsed=2 (3,7)
+  predicted = ["wrong", "wrong", "right", None, "wrong", "right", "right", None]
+  labels = ["wrong"] * 4 + ["right"] * 4
+  scores = critique_scores(predicted, labels)
+  assert (scores["tp"], scores["fp"], scores["fn"], scores["tn"]) == (2, 1, 2, 2)
+  assert scores["n"] == 8 and scores["unparsed"] == 2
+  assert scores["accuracy"] == pytest.approx(4 / 8)
+  assert scores["precision"] == pytest.approx(2 / 3)
+  assert scores["recall"] == pytest.approx(2 / 4)
+  assert scores["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+  assert scores["unparsed_rate"] == pytest.approx(2 / 8)
 
 
 def test_critique_scores_undefined_ratios_are_zero():
-    scores = critique_scores(["right", "right"], ["right", "right"])
-    assert scores["accuracy"] == 1.0
-    assert scores["precision"] == scores["recall"] == scores["f1"] == 0.0
+  scores = critique_scores(["right", "right"], ["right", "right"])
+  assert scores["accuracy"] == 1.0
+  assert scores["precision"] == scores["recall"] == scores["f1"] == 0.0
 
 
 @pytest.mark.parametrize(
@@ -204,11 +202,11 @@ def test_critique_scores_undefined_ratios_are_zero():
     ],
 )
 def test_critique_scores_rejects_bad_input(predicted, labels, message):
-    with pytest.raises(ValueError, match=message):
-        critique_scores(predicted, labels)
+  with pytest.raises(ValueError, match=message):
+    critique_scores(predicted, labels)
 
 
 def test_math_scores():
-    assert math_scores([True, False, True, True]) == {"accuracy": 0.75, "n": 4, "correct": 3}
-    with pytest.raises(ValueError):
-        math_scores([])
+  assert math_scores([True, False, True, True]) == {"accuracy": 0.75, "n": 4, "correct": 3}
+  with pytest.raises(ValueError):
+    math_scores([])

@@ -70,11 +70,17 @@ def test_chunked_loss_and_gradients_equal_full(chunk):
   # dH = G W^T over V terms, |G| <= w.
   abs_w_rows = np.abs(kernel).sum(1)[None, None, :]
   dh_bound = (g_err_BxL[..., None] + 2 * gamma(kernel.shape[1]) * weights[..., None]) * abs_w_rows
-  np.testing.assert_array_less(np.abs(np.asarray(dh_c) - np.asarray(dh_f)), np.broadcast_to(dh_bound, dh_f.shape) + 1e-30)
+  np.testing.assert_array_less(
+      np.abs(np.asarray(dh_c) - np.asarray(dh_f)), np.broadcast_to(dh_bound, dh_f.shape) + 1e-30
+  )
   # dW = H^T G over B*L terms.
-  dw_bound = (np.einsum("bld,bl->d", np.abs(hidden), g_err_BxL)[:, None]
-              + 2 * gamma(tokens) * np.einsum("bld,bl->d", np.abs(hidden), 2 * weights)[:, None])
-  np.testing.assert_array_less(np.abs(np.asarray(dw_c) - np.asarray(dw_f)), np.broadcast_to(dw_bound, dw_f.shape) + 1e-30)
+  dw_bound = (
+      np.einsum("bld,bl->d", np.abs(hidden), g_err_BxL)[:, None]
+      + 2 * gamma(tokens) * np.einsum("bld,bl->d", np.abs(hidden), 2 * weights)[:, None]
+  )
+  np.testing.assert_array_less(
+      np.abs(np.asarray(dw_c) - np.asarray(dw_f)), np.broadcast_to(dw_bound, dw_f.shape) + 1e-30
+  )
   # The bound is not vacuous: two orders below the gradients' own size.
   assert dw_bound.max() < 1e-2 * np.abs(np.asarray(dw_f)).max()
 
@@ -105,17 +111,29 @@ def test_train_forward_chunked_equals_full_with_tied_and_untied_heads():
   leaves two orders of magnitude of margin over gamma_64 * (layers + 1).
   """
   config = demo.get_config()
-  config.update_from_flattened_dict({
-      "model.vocab_size": 97, "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 2,
-      "model.num_kv_heads": 1, "model.head_dim": 16, "model.intermediate_size": 64,
-  })
+  config.update_from_flattened_dict(
+      {
+          "model.vocab_size": 97,
+          "model.hidden_size": 32,
+          "model.num_layers": 2,
+          "model.num_heads": 2,
+          "model.num_kv_heads": 1,
+          "model.head_dim": 16,
+          "model.intermediate_size": 64,
+      }
+  )
   rng = np.random.default_rng(1)
   batch, length = 2, 24
   tokens = rng.integers(0, 97, size=(batch, length)).astype(np.int32)
-  b = {"inputs": tokens, "targets": np.roll(tokens, -1, axis=1), "positions": np.tile(np.arange(length), (batch, 1)),
-       "segment_ids": np.ones((batch, length), np.int32), "weights": (rng.random((batch, length)) < 0.8).astype(np.float32),
-       "objective_ids": rng.integers(0, 2, size=(batch, length)).astype(np.int32),
-       "source_ids": np.zeros((batch, length), np.int32)}
+  b = {
+      "inputs": tokens,
+      "targets": np.roll(tokens, -1, axis=1),
+      "positions": np.tile(np.arange(length), (batch, 1)),
+      "segment_ids": np.ones((batch, length), np.int32),
+      "weights": (rng.random((batch, length)) < 0.8).astype(np.float32),
+      "objective_ids": rng.integers(0, 2, size=(batch, length)).astype(np.int32),
+      "source_ids": np.zeros((batch, length), np.int32),
+  }
   for tied in (False, True):
     config.model.tie_embeddings = tied
     results = {}

@@ -19,11 +19,22 @@ from cftjax import chat_templates, checkpoint, hf, sharding  # noqa: E402
 from cftjax.model import ModelConfig, Transformer  # noqa: E402
 
 VOCAB, LENGTH = 96, 24
-TINY = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, intermediate_size=96,
-            max_position_embeddings=128, rms_norm_eps=1e-5)
-LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                # Small on purpose: most frequencies get rescaled at these short positions.
-                "original_max_position_embeddings": 16}
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=2,
+    intermediate_size=96,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+)
+LLAMA31_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # Small on purpose: most frequencies get rescaled at these short positions.
+    "original_max_position_embeddings": 16,
+}
 
 
 def _hf_model(family: str, seed: int = 0, **overrides):
@@ -32,12 +43,14 @@ def _hf_model(family: str, seed: int = 0, **overrides):
     config = transformers.LlamaConfig(**TINY, num_attention_heads=4, num_key_value_heads=2, **overrides)
     model_class = transformers.LlamaForCausalLM
   elif family == "qwen2":  # q/k/v biases, tied embeddings
-    config = transformers.Qwen2Config(**TINY, num_attention_heads=4, num_key_value_heads=2,
-                                      tie_word_embeddings=True, **overrides)
+    config = transformers.Qwen2Config(
+        **TINY, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, **overrides
+    )
     model_class = transformers.Qwen2ForCausalLM
   else:  # mistral, multi-head attention, explicit head_dim
-    config = transformers.MistralConfig(**TINY, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
-                                        **{"sliding_window": None, **overrides})
+    config = transformers.MistralConfig(
+        **TINY, num_attention_heads=4, num_key_value_heads=4, head_dim=16, **{"sliding_window": None, **overrides}
+    )
     model_class = transformers.MistralForCausalLM
   torch.manual_seed(seed)
   model = model_class(config).eval()
@@ -158,17 +171,22 @@ def test_sharded_safetensors_onto_a_device_mesh(tmp_path):
   for scan_layers in (True, False):
     model_config = _model_config(tmp_path, scan_layers=scan_layers)
     params = hf.import_params(tmp_path, model_config, mesh)
-    q_proj = params["layers"]["attn"]["q_proj"]["kernel"] if scan_layers else params["layers_1"]["attn"]["q_proj"]["kernel"]
+    q_proj = (
+        params["layers"]["attn"]["q_proj"]["kernel"] if scan_layers else params["layers_1"]["attn"]["q_proj"]["kernel"]
+    )
     assert len({s.device for s in q_proj.addressable_shards}) == 8
     assert q_proj.addressable_shards[0].data.shape[-3:] == (64 // 4, 4 // 2, 16)
     np.testing.assert_allclose(_our_logits(params, model_config, tokens), reference, atol=1e-4, rtol=0)
 
 
 # ------------------------------------------------------------------------------ round trip
-@pytest.mark.parametrize("family,overrides", [
-    ("qwen2", {}),
-    ("llama", {"rope_parameters": {"rope_theta": 50000.0, **LLAMA31_ROPE}}),
-])
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("qwen2", {}),
+        ("llama", {"rope_parameters": {"rope_theta": 50000.0, **LLAMA31_ROPE}}),
+    ],
+)
 def test_import_export_round_trip_through_transformers(family, overrides, tmp_path):
   model = _hf_model(family, seed=5, **overrides)
   hf_dir, ckpt_dir, out_dir = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "exported"
@@ -208,17 +226,33 @@ def test_export_in_bfloat16_single_file(tmp_path):
 # ------------------------------------------------------------------------------ config.json
 def _write_config(directory: Path, **fields) -> Path:
   directory.mkdir(parents=True, exist_ok=True)
-  base = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32, "hidden_size": 32,
-          "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64}
+  base = {
+      "architectures": ["LlamaForCausalLM"],
+      "model_type": "llama",
+      "vocab_size": 32,
+      "hidden_size": 32,
+      "num_hidden_layers": 1,
+      "num_attention_heads": 4,
+      "intermediate_size": 64,
+  }
   base.update(fields)
   (directory / "config.json").write_text(json.dumps({k: v for k, v in base.items() if v is not None}))
   return directory
 
 
 def test_config_reads_transformers4_keys_and_defaults(tmp_path):
-  directory = _write_config(tmp_path, rope_theta=500000.0, rms_norm_eps=1e-5,
-                            rope_scaling={"type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+  directory = _write_config(
+      tmp_path,
+      rope_theta=500000.0,
+      rms_norm_eps=1e-5,
+      rope_scaling={
+          "type": "llama3",
+          "factor": 32.0,
+          "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192,
+      },
+  )
   overrides = hf.hf_model_config(directory)
   assert overrides["num_kv_heads"] == 4 and overrides["head_dim"] == 8  # MHA default, hidden / heads
   assert overrides["rope_theta"] == 500000.0 and overrides["rope_scaling_factor"] == 32.0
@@ -226,12 +260,15 @@ def test_config_reads_transformers4_keys_and_defaults(tmp_path):
   ModelConfig.from_config(overrides)  # every key is a valid model field
 
 
-@pytest.mark.parametrize("tokenizer_json, template_file, expected", [
-    ('{"added_tokens": []}', None, "plain"),
-    ('{"added_tokens": [{"content": "<|start_header_id|>"}]}', None, "llama3"),
-    ('{"added_tokens": [{"content": "<|start_header_id|>"}]}', "tokenizer_config.json", "llama3_1"),
-    ('{"added_tokens": [{"content": "<|start_header_id|>"}]}', "chat_template.jinja", "llama3_1"),
-])
+@pytest.mark.parametrize(
+    "tokenizer_json, template_file, expected",
+    [
+        ('{"added_tokens": []}', None, "plain"),
+        ('{"added_tokens": [{"content": "<|start_header_id|>"}]}', None, "llama3"),
+        ('{"added_tokens": [{"content": "<|start_header_id|>"}]}', "tokenizer_config.json", "llama3_1"),
+        ('{"added_tokens": [{"content": "<|start_header_id|>"}]}', "chat_template.jinja", "llama3_1"),
+    ],
+)
 def test_named_fallback_tells_llama3_from_llama3_1(tokenizer_json, template_file, expected, tmp_path):
   (tmp_path / "tokenizer.json").write_text(tokenizer_json)
   if template_file:
@@ -259,25 +296,34 @@ def test_mistral_sliding_window_matches_transformers(tmp_path):
 
 def test_qwen2_sliding_window_warns_or_refuses(tmp_path, caplog):
   """Qwen2's use_sliding_window (a window on some layers only) is not implemented."""
-  directory = _write_config(tmp_path, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
-                            sliding_window=4096, use_sliding_window=True)
+  directory = _write_config(
+      tmp_path, architectures=["Qwen2ForCausalLM"], model_type="qwen2", sliding_window=4096, use_sliding_window=True
+  )
   with caplog.at_level(logging.WARNING):
     assert hf.hf_model_config(directory, max_length=4096)["family"] == "qwen2"
   assert "sliding_window=4096 is not implemented" in caplog.text
   with pytest.raises(ValueError, match="sliding_window=4096.*max length 8192"):
     hf.hf_model_config(directory, max_length=8192)
-  qwen = _write_config(tmp_path / "off", architectures=["Qwen2ForCausalLM"], model_type="qwen2",
-                       sliding_window=4096, use_sliding_window=False)
+  qwen = _write_config(
+      tmp_path / "off",
+      architectures=["Qwen2ForCausalLM"],
+      model_type="qwen2",
+      sliding_window=4096,
+      use_sliding_window=False,
+  )
   assert hf.hf_model_config(qwen, max_length=8192)["qkv_bias"] is True  # window off: no limit
 
 
-@pytest.mark.parametrize("fields,message", [
-    ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "unsupported architecture.*GPT2LMHeadModel"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling type 'yarn' is not supported"),
-    ({"attention_bias": True}, "attention_bias=true is not supported"),
-    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-    ({"vocab_size": None}, "missing field 'vocab_size'"),
-])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "unsupported architecture.*GPT2LMHeadModel"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling type 'yarn' is not supported"),
+        ({"attention_bias": True}, "attention_bias=true is not supported"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"vocab_size": None}, "missing field 'vocab_size'"),
+    ],
+)
 def test_unsupported_configs_name_the_field(tmp_path, fields, message):
   directory = _write_config(tmp_path, **fields)
   with pytest.raises(ValueError, match=message) as error:
@@ -307,7 +353,9 @@ def test_missing_files_are_named(saved_llama, tmp_path):
   (directory / hf.SINGLE_FILE).unlink()
   with pytest.raises(FileNotFoundError, match="model.safetensors"):
     hf.import_params(directory, _model_config(directory), _mesh())
-  (directory / hf.INDEX_FILE).write_text(json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
+  (directory / hf.INDEX_FILE).write_text(
+      json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}})
+  )
   with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors.*lm_head.weight"):
     hf.import_params(directory, _model_config(directory), _mesh())
 
@@ -322,11 +370,15 @@ def _rewrite_tensors(path: Path, edit) -> None:
 
 def test_wrong_shape_missing_and_extra_tensors_are_named(saved_llama, tmp_path):
   cases = {
-      "wrong_shape": (lambda t: t.update({"model.layers.1.mlp.up_proj.weight": np.zeros((95, 64), np.float32)}),
-                      r"model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' has shape \[95, 64\], expected \[96, 64\]"),
+      "wrong_shape": (
+          lambda t: t.update({"model.layers.1.mlp.up_proj.weight": np.zeros((95, 64), np.float32)}),
+          r"model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' has shape \[95, 64\], expected \[96, 64\]",
+      ),
       "missing": (lambda t: t.pop("model.norm.weight"), "tensor 'model.norm.weight'.*is missing"),
-      "extra": (lambda t: t.update({"model.layers.0.self_attn.o_proj.bias": np.zeros(64, np.float32)}),
-                "no place for.*o_proj.bias"),
+      "extra": (
+          lambda t: t.update({"model.layers.0.self_attn.o_proj.bias": np.zeros(64, np.float32)}),
+          "no place for.*o_proj.bias",
+      ),
   }
   for case, (edit, message) in cases.items():
     directory = _copy_model(saved_llama, tmp_path / case)
@@ -341,8 +393,9 @@ def test_model_config_that_disagrees_with_config_json_is_refused(saved_llama):
     hf.import_params(saved_llama, wrong, _mesh())
 
 
-@pytest.mark.parametrize("kind,shape", [("same", (6, 4)), ("transpose", (6, 4)), ("qkv", (4, 3, 2)),
-                                        ("qkv_bias", (3, 2)), ("o", (3, 2, 4))])
+@pytest.mark.parametrize(
+    "kind,shape", [("same", (6, 4)), ("transpose", (6, 4)), ("qkv", (4, 3, 2)), ("qkv_bias", (3, 2)), ("o", (3, 2, 4))]
+)
 def test_each_layout_kind_reads_back_every_block_of_what_it_exports(kind, shape):
   """The four views of one layout kind agree: any block read from the exported HF tensor
   (only the rows and columns hf_ranges names) is that block of the original parameter."""
@@ -352,7 +405,7 @@ def test_each_layout_kind_reads_back_every_block_of_what_it_exports(kind, shape)
   halves = [((0, n // 2 or 1), (n // 2 or 1, n)) for n in shape]
   for block in itertools.product(*halves):
     rows, cols = hf.hf_block_ranges(kind, block, shape)
-    part = theirs[rows[0]:rows[1]] if cols is None else theirs[rows[0]:rows[1], cols[0]:cols[1]]
+    part = theirs[rows[0] : rows[1]] if cols is None else theirs[rows[0] : rows[1], cols[0] : cols[1]]
     got = hf.from_hf_block(kind, part, block, shape)
     want = ours[tuple(slice(a, b) for a, b in block)]
     np.testing.assert_array_equal(got, want, err_msg=f"{kind} block {block}")

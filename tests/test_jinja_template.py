@@ -71,9 +71,22 @@ SPECIALS = {
     "phi3": {"eos_token": "<|endoftext|>"},
 }
 END_OF_TURN = {"chatml": "<|im_end|>", "mistral": "</s>", "llama3": "<|eot_id|>", "phi3": "<|end|>"}
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
-                  "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|user|>", "<|assistant|>",
-                  "<|system|>", "<|end|>"]
+SPECIAL_TOKENS = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|system|>",
+    "<|end|>",
+]
 CORPUS = [
     "Question: What is 12 + 30? Solution: 12 + 30 = 42. The answer is 42.",
     "Please critique whether the following solution to the question is correct.",
@@ -84,12 +97,21 @@ CORPUS = [
 
 CONVERSATIONS = {
     "single": Conversation((Turn("user", "What is 12 + 30?"),), "12 + 30 = 42.\nThe answer is 42."),
-    "system": Conversation((Turn("system", "You are a careful tutor."), Turn("user", "What is 12 + 30?")),
-                           "The answer is 42."),
-    "history": Conversation((Turn("user", "Let x be 3."), Turn("assistant", "Sure, x = 3."),
-                             Turn("user", "Then 2x + 1?")), "2x + 1 = 7."),
-    "system_history": Conversation((Turn("system", "You are a careful tutor."), Turn("user", "Let x be 3."),
-                                    Turn("assistant", "Sure."), Turn("user", "Then 2x + 1?")), "  It is 7. "),
+    "system": Conversation(
+        (Turn("system", "You are a careful tutor."), Turn("user", "What is 12 + 30?")), "The answer is 42."
+    ),
+    "history": Conversation(
+        (Turn("user", "Let x be 3."), Turn("assistant", "Sure, x = 3."), Turn("user", "Then 2x + 1?")), "2x + 1 = 7."
+    ),
+    "system_history": Conversation(
+        (
+            Turn("system", "You are a careful tutor."),
+            Turn("user", "Let x be 3."),
+            Turn("assistant", "Sure."),
+            Turn("user", "Then 2x + 1?"),
+        ),
+        "  It is 7. ",
+    ),
 }
 
 
@@ -103,8 +125,9 @@ def _tokenizer(kind: str) -> tokenizers.Tokenizer:
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
     alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
-  trainer = tokenizers.trainers.BpeTrainer(vocab_size=420, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet,
-                                           show_progress=False)
+  trainer = tokenizers.trainers.BpeTrainer(
+      vocab_size=420, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False
+  )
   tok.train_from_iterator(CORPUS, trainer)
   return tok
 
@@ -119,7 +142,9 @@ def model_dirs(tmp_path_factory):
     for tagged in (False, True):
       directory = tmp_path_factory.mktemp(f"{name}_{'tagged' if tagged else 'plain'}")
       built["mistral" if name == "mistral" else "bpe"].save(str(directory / "tokenizer.json"))
-      template = source.replace(G, "{% generation %}" if tagged else "").replace(EG, "{% endgeneration %}" if tagged else "")
+      template = source.replace(G, "{% generation %}" if tagged else "").replace(
+          EG, "{% endgeneration %}" if tagged else ""
+      )
       config = {**SPECIALS[name], "chat_template": template, "tokenizer_class": "PreTrainedTokenizerFast"}
       (directory / "tokenizer_config.json").write_text(json.dumps(config))
       pair.append(directory)
@@ -158,8 +183,11 @@ def test_own_template_ids_and_mask_equal_apply_chat_template(model_dirs, name, c
     ids, mask = chat_templates.encode(conv, "model", ours)
     assert ids == expected_ids
     assert mask == _last_run(expected_mask)
-    prompt = list(reference.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True,
-                                                return_dict=True)["input_ids"])
+    prompt = list(
+        reference.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True, return_dict=True)[
+            "input_ids"
+        ]
+    )
     assert chat_templates.prompt_ids(conv.context, "model", ours) == prompt
   # Not vacuous: the mask holds the reply and the end-of-turn token, nothing of the prompt.
   target = ours.decode([i for i, m in zip(ids, mask) if m])
@@ -184,8 +212,16 @@ def test_generation_stops_at_the_templates_end_of_turn_token(model_dirs, name):
 
 
 def test_training_records_use_the_model_template(model_dirs):
-  record = {"objective": "cft", "query": "What is 12 + 30?", "response": "12 + 30 = 52.", "critique":
-            "Wrong sum.\nConclusion: wrong", "system": "", "history": "[]", "answer": "42", "label": "wrong"}
+  record = {
+      "objective": "cft",
+      "query": "What is 12 + 30?",
+      "response": "12 + 30 = 52.",
+      "critique": "Wrong sum.\nConclusion: wrong",
+      "system": "",
+      "history": "[]",
+      "answer": "42",
+      "label": "wrong",
+  }
   directory = model_dirs["chatml"][0]
   ours = load_tokenizer(directory)
   ids, mask = objectives.encode_example(record, ours, "model")
@@ -202,8 +238,9 @@ def test_training_records_use_the_model_template(model_dirs):
 
 
 def test_template_files_precedence_and_errors(tmp_path):
-  (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-      {"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}))
+  (tmp_path / "tokenizer_config.json").write_text(
+      json.dumps({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]})
+  )
   assert jinja_template.find_template(tmp_path)[0] == "D"
   (tmp_path / "chat_template.jinja").write_text("J")
   assert jinja_template.find_template(tmp_path) == ("J", tmp_path / "chat_template.jinja")
@@ -237,9 +274,16 @@ def test_imported_chat_model_is_prompted_in_its_own_template(model_dirs, tmp_pat
   source = model_dirs["chatml"][0]
   hf_dir = tmp_path / "hf"
   reference_tok = transformers.AutoTokenizer.from_pretrained(source)
-  config = transformers.LlamaConfig(vocab_size=len(reference_tok), hidden_size=32, intermediate_size=64,
-                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                    max_position_embeddings=256, eos_token_id=reference_tok.eos_token_id)
+  config = transformers.LlamaConfig(
+      vocab_size=len(reference_tok),
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=256,
+      eos_token_id=reference_tok.eos_token_id,
+  )
   torch.manual_seed(0)
   model = transformers.LlamaForCausalLM(config).eval()
   with torch.no_grad():
@@ -256,13 +300,21 @@ def test_imported_chat_model_is_prompted_in_its_own_template(model_dirs, tmp_pat
   sampling = evaluate.sampling_for(loaded, max_new_tokens=6)
   for question in ("Let x be 3. Then 2x + 1?",):
     messages = [{"role": "system", "content": "Reason step by step."}, {"role": "user", "content": question}]
-    expected_prompt = list(reference_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                                             return_dict=True)["input_ids"])
+    expected_prompt = list(
+        reference_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)[
+            "input_ids"
+        ]
+    )
     prompt = evaluate.answer_prompt(question, loaded, system="Reason step by step.")
     assert prompt == expected_prompt
     ours = evaluate._generate(loaded, [prompt], sampling, batch_size=1, progress=False)[0]
     with torch.no_grad():
-      out = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
-                           eos_token_id=list(sampling.eos_ids), pad_token_id=sampling.pad_id)
-    theirs = reference_tok.decode(out[0, len(prompt):], skip_special_tokens=False)
+      out = model.generate(
+          torch.tensor([prompt]),
+          max_new_tokens=6,
+          do_sample=False,
+          eos_token_id=list(sampling.eos_ids),
+          pad_token_id=sampling.pad_id,
+      )
+    theirs = reference_tok.decode(out[0, len(prompt) :], skip_special_tokens=False)
     assert ours == theirs.split("<|im_end|>")[0] and ours  # six tokens of random text, the same

@@ -12,11 +12,21 @@ from cftjax import cli, memory, optim, sharding, train
 from configs import demo
 
 TINY = {
-    "model.vocab_size": 512, "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 2,
-    "model.num_kv_heads": 2, "model.head_dim": 16, "model.intermediate_size": 64,
-    "data.max_length": 64, "data.mixture": "demo_cft:1,demo_sft:1",
-    "train.global_batch_size": 16, "train.grad_accum_steps": 1, "train.num_steps": 10,
-    "mesh.data": 2, "mesh.fsdp": 4, "mesh.tensor": 1,
+    "model.vocab_size": 512,
+    "model.hidden_size": 32,
+    "model.num_layers": 2,
+    "model.num_heads": 2,
+    "model.num_kv_heads": 2,
+    "model.head_dim": 16,
+    "model.intermediate_size": 64,
+    "data.max_length": 64,
+    "data.mixture": "demo_cft:1,demo_sft:1",
+    "train.global_batch_size": 16,
+    "train.grad_accum_steps": 1,
+    "train.num_steps": 10,
+    "mesh.data": 2,
+    "mesh.fsdp": 4,
+    "mesh.tensor": 1,
 }
 
 

@@ -21,8 +21,8 @@ def read_scalars(tensorboard_dir) -> dict[str, list[tuple[int, float]]]:
     data = path.read_bytes()
     offset = 0
     while offset < len(data):
-      (length,) = struct.unpack("<Q", data[offset:offset + 8])
-      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      (length,) = struct.unpack("<Q", data[offset : offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
       offset += 12 + length + 4
       for value in event.summary.value:
         scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
@@ -67,16 +67,27 @@ def test_disabled_writer_writes_nothing(tmp_path, capsys):
 
 
 def test_console_line():
-  m = {"loss": 1.23456, "loss_cft": 1.5, "tokens_cft": 10.0, "loss_sft": 0.0, "tokens_sft": 0.0,
-       "learning_rate": 3e-4, "grad_norm": 0.5, "tokens_per_second": 12345.6, "nonpad_fraction": 0.95, "mfu": None}
+  m = {
+      "loss": 1.23456,
+      "loss_cft": 1.5,
+      "tokens_cft": 10.0,
+      "loss_sft": 0.0,
+      "tokens_sft": 0.0,
+      "learning_rate": 3e-4,
+      "grad_norm": 0.5,
+      "tokens_per_second": 12345.6,
+      "nonpad_fraction": 0.95,
+      "mfu": None,
+  }
   line = metrics_lib.format_console(7, 100, m)
   assert line == "step 7/100 | loss 1.2346 | cft 1.5000 | lr 3.00e-04 | gnorm 0.500 | tok/s 12,346 | pack 95.0%"
   assert metrics_lib.format_console(7, 100, {**m, "mfu": 0.4}).endswith("| mfu 40.0%")
 
 
 def test_flops_per_token_and_mfu(monkeypatch):
-  config = ModelConfig(vocab_size=100, hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=4,
-                       intermediate_size=16)
+  config = ModelConfig(
+      vocab_size=100, hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=4, intermediate_size=16
+  )
   seq = 32
   attention = 6 * 2 * 2 * 4 * seq
   # The input embedding is a lookup, not a matmul; the untied output head is a matmul.
@@ -95,6 +106,7 @@ def test_flops_per_token_and_mfu(monkeypatch):
 
 
 class _Terminal(io.StringIO):
+
   def isatty(self) -> bool:
     return True
 

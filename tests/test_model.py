@@ -24,8 +24,14 @@ import float32_tolerance
 from random_params import draw_params
 
 BASE = ModelConfig(
-    vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-    intermediate_size=64, rope_theta=1000.0,
+    vocab_size=61,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    intermediate_size=64,
+    rope_theta=1000.0,
 )
 BATCH, LENGTH = 2, 16
 
@@ -238,8 +244,11 @@ def test_every_parameter_has_logical_axis_names_known_to_the_rules(name):
 
 def sharding_constraints(jaxpr, found):
   """(spec, shape) of every sharding_constraint, looking inside scan/remat bodies."""
-  found.extend((e.params["sharding"].spec, tuple(e.invars[0].aval.shape))
-               for e in all_eqns(jaxpr) if e.primitive.name == "sharding_constraint")
+  found.extend(
+      (e.params["sharding"].spec, tuple(e.invars[0].aval.shape))
+      for e in all_eqns(jaxpr)
+      if e.primitive.name == "sharding_constraint"
+  )
   return found
 
 
@@ -270,8 +279,9 @@ def test_activations_are_constrained_under_the_logical_rules(scan):
 
 
 # ------------------------------------------------------------------------------ config
-@pytest.mark.parametrize("changes", [{}, {"qkv_bias": True}, {"tie_embeddings": True},
-                                     {"num_kv_heads": 4, "intermediate_size": 48}])
+@pytest.mark.parametrize(
+    "changes", [{}, {"qkv_bias": True}, {"tie_embeddings": True}, {"num_kv_heads": 4, "intermediate_size": 48}]
+)
 def test_num_params_counts_the_parameters(changes):
   config = variant(**changes)
   abstract = nn.meta.unbox(boxed_abstract_params(config))

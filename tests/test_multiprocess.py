@@ -23,13 +23,25 @@ from configs import demo
 REPO = Path(__file__).resolve().parent.parent
 NUM_TRAIN = 201  # shards of 101 and 100 examples: 51 and 50 batches of 2 rows (1 example each)
 SETTINGS = {
-    "data.demo.num_train": NUM_TRAIN, "data.demo.num_validation": 8, "data.demo.num_test": 8,
+    "data.demo.num_train": NUM_TRAIN,
+    "data.demo.num_validation": 8,
+    "data.demo.num_test": 8,
     "data.max_length": 128,  # every demo CFT example is longer: one (cut) example per row
-    "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 2, "model.num_kv_heads": 2,
-    "model.head_dim": 16, "model.intermediate_size": 64,
-    "train.global_batch_size": 4, "train.num_steps": 1000, "train.log_every": 1, "train.eval_every": 0,
-    "optim.learning_rate": 1e-2, "optim.schedule": "constant", "optim.warmup_steps": 0,
-    "checkpoint.every_steps": 1000, "mesh.data": -1,
+    "model.hidden_size": 32,
+    "model.num_layers": 2,
+    "model.num_heads": 2,
+    "model.num_kv_heads": 2,
+    "model.head_dim": 16,
+    "model.intermediate_size": 64,
+    "train.global_batch_size": 4,
+    "train.num_steps": 1000,
+    "train.log_every": 1,
+    "train.eval_every": 0,
+    "optim.learning_rate": 1e-2,
+    "optim.schedule": "constant",
+    "optim.warmup_steps": 0,
+    "checkpoint.every_steps": 1000,
+    "mesh.data": -1,
 }
 
 DRIVER = textwrap.dedent("""
@@ -68,7 +80,9 @@ DRIVER = textwrap.dedent("""
 
 def xla_flags_with_devices(count: int) -> str:
   """This session's XLA flags (conftest's compile settings) with another device count."""
-  kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+  kept = [
+      f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
+  ]
   return " ".join(kept + [f"--xla_force_host_platform_device_count={count}"])
 
 
@@ -94,16 +108,33 @@ def launch(root: Path, settings: dict, attempt: str) -> list[subprocess.Popen]:
   port = free_port()
   procs = []
   for i in range(2):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags_with_devices(2),
-           "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
-           # Process 0 reuses its compiled programs on resume (process 1 compiles again).
-           "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache")}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": xla_flags_with_devices(2),
+        "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+        "JAX_NUM_PROCESSES": "2",
+        "JAX_PROCESS_ID": str(i),
+        # Process 0 reuses its compiled programs on resume (process 1 compiles again).
+        "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
+    }
     with open(root / f"{attempt}_{i}.log", "w") as log:
-      procs.append(subprocess.Popen(
-          [sys.executable, str(root / "driver.py"), str(REPO), str(root / "run"), json.dumps(settings),
-           str(root / f"{attempt}_{i}.json")],
-          env=env, stdout=subprocess.PIPE if i == 0 else log, stderr=subprocess.STDOUT, text=True,
-      ))
+      procs.append(
+          subprocess.Popen(
+              [
+                  sys.executable,
+                  str(root / "driver.py"),
+                  str(REPO),
+                  str(root / "run"),
+                  json.dumps(settings),
+                  str(root / f"{attempt}_{i}.json"),
+              ],
+              env=env,
+              stdout=subprocess.PIPE if i == 0 else log,
+              stderr=subprocess.STDOUT,
+              text=True,
+          )
+      )
   return procs
 
 
@@ -128,8 +159,15 @@ def expected_batches(config, process_index: int) -> list[list[list[int]]]:
   """What process i of 2 should read: the pipeline, run here for that process index."""
   prepared = sources_lib.prepare(config.data)
   sources = sources_lib.load_sources(config.data, "train", prepared)
-  ds = pipeline.make_dataset(config.data, sources, sources_lib.tokenizer_path(config.data, prepared), rows=2,
-                             train=True, process_index=process_index, process_count=2)
+  ds = pipeline.make_dataset(
+      config.data,
+      sources,
+      sources_lib.tokenizer_path(config.data, prepared),
+      rows=2,
+      train=True,
+      process_index=process_index,
+      process_count=2,
+  )
   return [[b["inputs"][r][b["inputs_segment_ids"][r] > 0].tolist() for r in range(len(b["inputs"]))] for b in ds]
 
 
@@ -152,8 +190,10 @@ def test_two_processes_train_save_resume_and_stop_together(setup):
   assert first[1]["final_step"] == saved and 1 <= saved < 50
   assert first[1]["stopped"] == "SIGTERM" and first[0]["stopped"] == "stop requested by another process"
   step_dir = root / "run" / "checkpoints" / str(saved)
-  assert sorted(p.name for p in (step_dir / "data").glob("process_*.json")) == ["process_0-of-2.json",
-                                                                                "process_1-of-2.json"]
+  assert sorted(p.name for p in (step_dir / "data").glob("process_*.json")) == [
+      "process_0-of-2.json",
+      "process_1-of-2.json",
+  ]
 
   # Attempt 2: resume; shard 1 (50 batches) runs out before shard 0 (51): both stop at 50.
   second = finish(launch(root, settings, "second"), root, "second")
@@ -164,8 +204,10 @@ def test_two_processes_train_save_resume_and_stop_together(setup):
   # Every loss is the global one: the same on both processes, finite, and in metrics.jsonl.
   for attempt in (first, second):
     assert attempt[0]["losses"] == attempt[1]["losses"]
-  logged = {json.loads(line)["step"]: json.loads(line)["loss"]
-            for line in (root / "run" / "metrics.jsonl").read_text().splitlines()}
+  logged = {
+      json.loads(line)["step"]: json.loads(line)["loss"]
+      for line in (root / "run" / "metrics.jsonl").read_text().splitlines()
+  }
   assert logged == {int(k): v for a in (first, second) for k, v in a[0]["losses"].items()}
   assert sorted(logged) == list(range(1, 51))
 

@@ -26,21 +26,40 @@ CORPUS = [
 ] * 4
 
 
-def cft_record(query="Start with 14. Add 24, then subtract 11. What is the result?",
-               response="Step 1: 14 + 24 = 38\nStep 2: 38 - 11 = 28\nThe answer is 28.",
-               critique="Step 1: 14 + 24 = 38 is correct.\nStep 2: 38 - 11 = 28 is wrong; it should be 27.\n"
-                        "The correct final answer is 27.\nConclusion: wrong",
-               **extra):
-  record = {"objective": "cft", "query": query, "response": response, "critique": critique,
-            "system": "", "history": "[]", "answer": "27", "label": "wrong"}
+def cft_record(
+    query="Start with 14. Add 24, then subtract 11. What is the result?",
+    response="Step 1: 14 + 24 = 38\nStep 2: 38 - 11 = 28\nThe answer is 28.",
+    critique="Step 1: 14 + 24 = 38 is correct.\nStep 2: 38 - 11 = 28 is wrong; it should be 27.\n"
+    "The correct final answer is 27.\nConclusion: wrong",
+    **extra,
+):
+  record = {
+      "objective": "cft",
+      "query": query,
+      "response": response,
+      "critique": critique,
+      "system": "",
+      "history": "[]",
+      "answer": "27",
+      "label": "wrong",
+  }
   record.update(extra)
   return record
 
 
-def sft_record(query="Start with 3. Add 4. What is the result?", response="Step 1: 3 + 4 = 7\nThe answer is 7.",
-               **extra):
-  record = {"objective": "sft", "query": query, "response": response, "critique": "",
-            "system": "", "history": "[]", "answer": "7", "label": ""}
+def sft_record(
+    query="Start with 3. Add 4. What is the result?", response="Step 1: 3 + 4 = 7\nThe answer is 7.", **extra
+):
+  record = {
+      "objective": "sft",
+      "query": query,
+      "response": response,
+      "critique": "",
+      "system": "",
+      "history": "[]",
+      "answer": "7",
+      "label": "",
+  }
   record.update(extra)
   return record
 
@@ -80,8 +99,11 @@ def test_system_and_history_are_context_not_target():
   history = json.dumps([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
   conversation = objectives.to_conversation(sft_record(system="Be brief.", history=history))
   assert [(t.role, t.content) for t in conversation.context] == [
-      ("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"),
-      ("user", "Start with 3. Add 4. What is the result?")]
+      ("system", "Be brief."),
+      ("user", "Hi"),
+      ("assistant", "Hello"),
+      ("user", "Start with 3. Add 4. What is the result?"),
+  ]
   assert conversation.reply == "Step 1: 3 + 4 = 7\nThe answer is 7."
 
 
@@ -134,8 +156,11 @@ def test_changing_prompt_or_noisy_response_changes_no_target(tokenizer_path, tem
       cft_record(query="Start with 9. Multiply by 3. What is the result?"),
       cft_record(response="Step 1: 14 + 24 = 38\nThe answer is 38."),
       cft_record(response="x" * 40, query="", system="You are a careful tutor."),
-      cft_record(history=json.dumps([{"role": "user", "content": "Let x be a number."},
-                                     {"role": "assistant", "content": "Step 1:"}])),
+      cft_record(
+          history=json.dumps(
+              [{"role": "user", "content": "Let x be a number."}, {"role": "assistant", "content": "Step 1:"}]
+          )
+      ),
   ]
   for record in variants:
     other = encode((0, record))
@@ -157,8 +182,9 @@ def test_changing_prompt_or_noisy_response_changes_no_target(tokenizer_path, tem
 
 def test_changing_the_critique_changes_only_targets(tokenizer):
   ids_a, mask_a = objectives.encode_example(cft_record(), tokenizer, "plain")
-  ids_b, mask_b = objectives.encode_example(cft_record(critique="All steps are correct.\nConclusion: right"),
-                                            tokenizer, "plain")
+  ids_b, mask_b = objectives.encode_example(
+      cft_record(critique="All steps are correct.\nConclusion: right"), tokenizer, "plain"
+  )
   first_a, first_b = mask_a.index(1), mask_b.index(1)
   assert first_a == first_b and ids_a[:first_a] == ids_b[:first_b]
 
@@ -183,8 +209,14 @@ def loss_case():
       "source_ids": np.array([[0] * 4 + [2] * 3, [1] * 7, [0] * 7], np.int32),
       "num_sources": num_sources,
   }
-  sums = loss_sums(case["logits"], case["targets"], case["weights"], case["objective_ids"], case["source_ids"],
-                   num_sources=num_sources)
+  sums = loss_sums(
+      case["logits"],
+      case["targets"],
+      case["weights"],
+      case["objective_ids"],
+      case["source_ids"],
+      num_sources=num_sources,
+  )
   case["sums"] = jax.device_get(sums)
   case["means"] = jax.device_get(objectives.mean_losses(sums))
   case["ce"] = numpy_cross_entropy(case["logits"].astype(np.float64), case["targets"])
@@ -224,8 +256,9 @@ def test_loss_is_split_by_source(loss_case):
   np.testing.assert_allclose(loss_case["sums"]["loss_sum_by_source"], want_sums, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(loss_case["sums"]["weight_sum_by_source"], want_counts)
   assert want_counts == [4, 2, 3]
-  np.testing.assert_allclose(loss_case["means"]["loss_by_source"],
-                             np.array(want_sums) / np.array(want_counts), rtol=1e-5)
+  np.testing.assert_allclose(
+      loss_case["means"]["loss_by_source"], np.array(want_sums) / np.array(want_counts), rtol=1e-5
+  )
 
 
 def test_an_absent_objective_reports_zero_not_nan():
@@ -242,9 +275,17 @@ def test_an_absent_objective_reports_zero_not_nan():
 
 def test_sums_from_parts_add_up_to_the_whole(loss_case):
   # What accumulation and multi-host runs rely on: sums of parts, divided once.
-  parts = [loss_sums(loss_case["logits"][i:i + 1], loss_case["targets"][i:i + 1], loss_case["weights"][i:i + 1],
-                     loss_case["objective_ids"][i:i + 1], loss_case["source_ids"][i:i + 1],
-                     num_sources=loss_case["num_sources"]) for i in range(3)]
+  parts = [
+      loss_sums(
+          loss_case["logits"][i : i + 1],
+          loss_case["targets"][i : i + 1],
+          loss_case["weights"][i : i + 1],
+          loss_case["objective_ids"][i : i + 1],
+          loss_case["source_ids"][i : i + 1],
+          num_sources=loss_case["num_sources"],
+      )
+      for i in range(3)
+  ]
   total = jax.tree.map(lambda *x: np.sum(x, axis=0), *jax.device_get(parts))
   means = objectives.mean_losses(total)
   np.testing.assert_allclose(means["loss"], loss_case["means"]["loss"], rtol=1e-6)

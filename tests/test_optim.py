@@ -84,8 +84,16 @@ def test_bad_schedule_config_fails_naming_the_key(changes, num_steps, message):
 
 # ------------------------------------------------------------------------------ weight decay
 def model_params():
-  config = ModelConfig(vocab_size=16, hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=1,
-                       head_dim=4, intermediate_size=16, qkv_bias=True)
+  config = ModelConfig(
+      vocab_size=16,
+      hidden_size=8,
+      num_layers=2,
+      num_heads=2,
+      num_kv_heads=1,
+      head_dim=4,
+      intermediate_size=16,
+      qkv_bias=True,
+  )
   dummy = jnp.zeros((1, 4), jnp.int32)
   abstract = jax.eval_shape(lambda: Transformer(config).init(jax.random.key(0), dummy, dummy, dummy + 1))
   rng = np.random.default_rng(0)
@@ -105,8 +113,10 @@ def test_weight_decay_mask_excludes_norm_scales_and_biases_only():
 
 def test_adamw_decays_matrices_but_not_norms_or_biases():
   params = model_params()
-  tx, _ = optim.make_optimizer(optim_config(schedule="constant", warmup_steps=0, weight_decay=0.1,
-                                            grad_clip_norm=0.0, learning_rate=0.01), num_steps=10)
+  tx, _ = optim.make_optimizer(
+      optim_config(schedule="constant", warmup_steps=0, weight_decay=0.1, grad_clip_norm=0.0, learning_rate=0.01),
+      num_steps=10,
+  )
   zero_grads = jax.tree.map(np.zeros_like, params)  # Adam's own update is 0: only decay moves
   updates, _ = jax.jit(tx.update)(zero_grads, tx.init(params), params)
   for path, update in jax.tree_util.tree_leaves_with_path(updates):
@@ -122,8 +132,11 @@ def test_adamw_decays_matrices_but_not_norms_or_biases():
 
 # ------------------------------------------------------------------------------ clipping
 def adam_state(opt_state):
-  states = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
-            if isinstance(s, optax.ScaleByAdamState)]
+  states = [
+      s
+      for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+      if isinstance(s, optax.ScaleByAdamState)
+  ]
   assert len(states) == 1
   return states[0]
 

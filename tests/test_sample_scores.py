@@ -43,8 +43,10 @@ def test_sampled_answer_rows_score_n_outputs_per_problem():
   from cftjax import evaluate
 
   examples = [{"answer": "4"}, {"answer": "10"}]
-  outputs = [["\\boxed{4}", "\\boxed{5}", "\\boxed{4}", "no idea"],
-             ["\\boxed{3}", "\\boxed{3}", "\\boxed{10}", "The answer is 3."]]
+  outputs = [
+      ["\\boxed{4}", "\\boxed{5}", "\\boxed{4}", "no idea"],
+      ["\\boxed{3}", "\\boxed{3}", "\\boxed{10}", "The answer is 3."],
+  ]
   rows, summary = evaluate.sampled_answer_rows(examples, outputs)
   assert [r["correct"] for r in rows] == [[True, False, True, False], [False, False, True, False]]
   assert [r["majority"] for r in rows] == ["4", "3"]

@@ -21,9 +21,16 @@ from configs import demo
 REPO = Path(__file__).resolve().parent.parent
 STEPS = (5, 10, 15)
 TINY = {
-    "data.demo.num_train": 48, "data.demo.num_validation": 8, "data.demo.num_test": 8, "data.max_length": 64,
-    "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 2, "model.num_kv_heads": 2,
-    "model.head_dim": 16, "model.intermediate_size": 64,
+    "data.demo.num_train": 48,
+    "data.demo.num_validation": 8,
+    "data.demo.num_test": 8,
+    "data.max_length": 64,
+    "model.hidden_size": 32,
+    "model.num_layers": 2,
+    "model.num_heads": 2,
+    "model.num_kv_heads": 2,
+    "model.head_dim": 16,
+    "model.intermediate_size": 64,
 }
 PROBLEMS = [{"problem": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 6)]]
 
@@ -57,6 +64,7 @@ def score_fn(run, calls):
     rows, summary = evaluate.run_math(loaded, path, evaluate.sampling_for(loaded, 4), 4, None, progress=False)
     evaluate.write_results(out, "math", rows, summary)
     return summary
+
   return score
 
 
@@ -67,8 +75,11 @@ def test_sweep_scores_every_kept_step_once_and_names_the_best(runs):
   table = selection.sweep(cft, files, score_fn(cft, calls), log=lambda _: None)
   assert sorted(calls) == sorted((s, b) for s in STEPS for b in ("math_a", "math_b"))
   assert [r["step"] for r in table["rows"]] == list(STEPS)
-  summaries = {(s, b): json.loads((cft / "eval" / "steps" / str(s) / b / "math_summary.json").read_text())
-               for s in STEPS for b in ("math_a", "math_b")}
+  summaries = {
+      (s, b): json.loads((cft / "eval" / "steps" / str(s) / b / "math_summary.json").read_text())
+      for s in STEPS
+      for b in ("math_a", "math_b")
+  }
   for row in table["rows"]:
     assert row["scores"]["math_a"] == summaries[row["step"], "math_a"]["accuracy"]
     assert row["average"] == pytest.approx((row["scores"]["math_a"] + row["scores"]["math_b"]) / 2)
@@ -99,8 +110,16 @@ def test_eval_and_compare_scripts(runs, tmp_path):
   root, cft, sft = runs
   files = f"{root / 'math_a.jsonl'},{root / 'math_b.jsonl'}"
   for run in (cft, sft):  # cft's pairs exist from the sweep test when run together; sft is scored here
-    done = _script("scripts/eval.py", f"--checkpoint={run}", "--steps=all", "--task=math", f"--data={files}",
-                   "--select_by=math_b", "--max_new_tokens=4", "--batch_size=4")
+    done = _script(
+        "scripts/eval.py",
+        f"--checkpoint={run}",
+        "--steps=all",
+        "--task=math",
+        f"--data={files}",
+        "--select_by=math_b",
+        "--max_new_tokens=4",
+        "--batch_size=4",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     table = json.loads((run / "eval" / "table.json").read_text())
     assert [r["step"] for r in table["rows"]] == list(STEPS) and table["select_by"] == "math_b"
@@ -124,12 +143,15 @@ def test_sharded_fsdp8_evaluation_equals_one_device(runs):
   embed = eight.params["embed"]["embedding"]
   assert len({str(s.index) for s in embed.addressable_shards}) == 8  # really split 8 ways
   path = str(root / "math_a.jsonl")
-  outs = [evaluate.run_math(m, path, evaluate.sampling_for(m, 6), 8, None, progress=False)[0]["math"] for m in (one, eight)]
+  outs = [
+      evaluate.run_math(m, path, evaluate.sampling_for(m, 6), 8, None, progress=False)[0]["math"] for m in (one, eight)
+  ]
   assert [r["output"] for r in outs[0]] == [r["output"] for r in outs[1]]
   half = evaluate.load(cft, 10, ml_collections.ConfigDict({"data": 1, "fsdp": 8, "tensor": 1}), dtype="bfloat16")
   assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(half.params))
-  np.testing.assert_allclose(np.asarray(half.params["embed"]["embedding"], np.float32),
-                             np.asarray(embed), rtol=2**-8)  # bf16 keeps 8 significant bits
+  np.testing.assert_allclose(
+      np.asarray(half.params["embed"]["embedding"], np.float32), np.asarray(embed), rtol=2**-8
+  )  # bf16 keeps 8 significant bits
 
 
 def test_in_training_math_evaluator_reports_benchmark_accuracy(runs):
@@ -147,8 +169,9 @@ def test_in_training_math_evaluator_reports_benchmark_accuracy(runs):
   assert built == [evaluators.MathBenchmark(str(root / "math_b.jsonl"), 1, 4)]
   ctx = evaluators.EvalContext(loaded.model, loaded.params, config, loaded.tokenizer, loaded.mesh, step=5)
   metrics = built[0](ctx)
-  _, summary = evaluate.run_math(loaded, str(root / "math_b.jsonl"), evaluate.sampling_for(loaded, 4), 32, 1,
-                                 progress=False)
+  _, summary = evaluate.run_math(
+      loaded, str(root / "math_b.jsonl"), evaluate.sampling_for(loaded, 4), 32, 1, progress=False
+  )
   assert metrics == {"val_math_b_accuracy": summary["accuracy"]}
   config.train.eval_math_data = str(root / "missing.jsonl")
   with pytest.raises(FileNotFoundError, match="train.eval_math_data"):

@@ -27,8 +27,14 @@ from configs import base
 import float32_tolerance
 
 MODEL_CONFIG = ModelConfig(
-    vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-    intermediate_size=64, qkv_bias=True,
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    intermediate_size=64,
+    qkv_bias=True,
 )
 ROWS, LENGTH, NUM_SOURCES, NUM_STEPS, ACCUM = 8, 16, 2, 2, 4
 MESHES = {
@@ -85,7 +91,7 @@ def uneven_micro_batches(seed: int) -> dict[str, np.ndarray]:
   batch["objective_ids"][:] = (np.arange(ROWS) % 2)[:, None]  # both objectives carry targets
   batch["source_ids"][:] = rng.integers(0, NUM_SOURCES, (ROWS, 1))
   for micro, tokens_per_row in enumerate((16, 5, 0, 1)):
-    batch["weights"][micro::ACCUM, LENGTH - tokens_per_row:] = 1.0
+    batch["weights"][micro::ACCUM, LENGTH - tokens_per_row :] = 1.0
   return batch
 
 
@@ -119,7 +125,9 @@ def assert_metrics_close(got: dict, want: dict, grads_want, where: str):
   tolerances, sizes = gradient_tolerance(grads_want), [np.size(g) for g in jax.tree.leaves(grads_want)]
   norm_tolerance = float(np.sqrt(sum(n * t**2 for n, t in zip(sizes, jax.tree.leaves(tolerances)))))
   norm_tolerance += EPS32 * np.sqrt(sum(sizes)) * float(want["grad_norm"])
-  np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=0, atol=norm_tolerance, err_msg=f"{where} grad_norm")
+  np.testing.assert_allclose(
+      got["grad_norm"], want["grad_norm"], rtol=0, atol=norm_tolerance, err_msg=f"{where} grad_norm"
+  )
 
 
 # ------------------------------------------------------------------------------ optimizers
@@ -241,8 +249,8 @@ def sgd_parameter_tolerance(grads_by_step, params):
   tolerance = jax.tree.map(lambda p: 0.0, params)
   for grads in grads_by_step:
     tolerance = jax.tree.map(
-        lambda t, g_tol, p: t + LEARNING_RATE * g_tol + EPS32 * np.abs(p),
-        tolerance, gradient_tolerance(grads), params)
+        lambda t, g_tol, p: t + LEARNING_RATE * g_tol + EPS32 * np.abs(p), tolerance, gradient_tolerance(grads), params
+    )
   return tolerance
 
 
@@ -279,7 +287,7 @@ def assert_same_sgd_training(got: dict, want: dict, where: str):
     assert_gradients_close(got["grads"][step], want["grads"][step], f"{at} gradient")
     # A parameter difference of lr * tolerance feeds the next gradient only through the
     # Hessian (lr * |H| << 1 here): inside that step's own gradient tolerance.
-    tolerance = sgd_parameter_tolerance(want["grads"][:step + 1], want["params_by_step"][step])
+    tolerance = sgd_parameter_tolerance(want["grads"][: step + 1], want["params_by_step"][step])
     assert_within(got["params_by_step"][step], want["params_by_step"][step], tolerance, f"{at} params")
 
 
@@ -305,20 +313,26 @@ def assert_same_adamw_training(got: dict, want: dict, initial, where: str):
   dp = float(optax.tree.norm(jax.tree.map(np.subtract, got["params_by_step"][0], want["params_by_step"][0])))
   second = want["metrics"][1]
   np.testing.assert_allclose(
-      got["metrics"][1]["loss"], second["loss"], rtol=0,
+      got["metrics"][1]["loss"],
+      second["loss"],
+      rtol=0,
       atol=REORDER_RTOL * abs(second["loss"]) + 2 * float(second["grad_norm"]) * dp,
-      err_msg=f"{where} adamw step 1 loss")
+      err_msg=f"{where} adamw step 1 loss",
+  )
 
 
 def assert_within(got, want, tolerance, where: str):
   """|got - want| <= tolerance element-wise; the message names the worst element."""
   assert jax.tree.structure(got) == jax.tree.structure(want), where
-  for (path, w), g, t in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got), jax.tree.leaves(tolerance)):
+  for (path, w), g, t in zip(
+      jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got), jax.tree.leaves(tolerance)
+  ):
     excess = np.abs(g - w) - t
     worst = np.unravel_index(np.argmax(excess), np.shape(excess)) if np.ndim(excess) else ()
     assert np.all(excess <= 0), (
         f"{where} {jax.tree_util.keystr(path)}{list(worst)}: {g[worst]} vs {w[worst]}, "
-        f"difference {abs(g[worst] - w[worst]):.3g} > tolerance {np.asarray(t)[worst] if np.ndim(t) else t:.3g}")
+        f"difference {abs(g[worst] - w[worst]):.3g} > tolerance {np.asarray(t)[worst] if np.ndim(t) else t:.3g}"
+    )
 
 
 # ------------------------------------------------------------------------------ mesh_shape
@@ -381,8 +395,10 @@ def test_host_batch_is_split_over_data_and_fsdp_and_keeps_sequences_whole():
 def test_shardings_like_params_gives_adam_moments_the_param_shardings():
   mesh = sharding.make_mesh(mesh_config(data=2, fsdp=2, tensor=2))
   params = {"a": {"kernel": np.zeros((4, 8))}, "norm": {"scale": np.zeros((4,))}}
-  param_shardings = {"a": {"kernel": NamedSharding(mesh, P("fsdp", "tensor"))},
-                     "norm": {"scale": NamedSharding(mesh, P("fsdp"))}}
+  param_shardings = {
+      "a": {"kernel": NamedSharding(mesh, P("fsdp", "tensor"))},
+      "norm": {"scale": NamedSharding(mesh, P("fsdp"))},
+  }
   tx = optax.adam(1e-3)
   opt_state = jax.eval_shape(tx.init, params)
   got = sharding.shardings_like_params(opt_state, params, param_shardings, mesh)
@@ -440,11 +456,16 @@ def test_parameters_are_really_split_over_fsdp_and_tensor(sharded):
   embedding = params["embed"]["embedding"]  # (vocab, embed) -> (tensor, fsdp)
   assert embedding.sharding.spec == P("tensor", "fsdp")
   assert embedding.addressable_shards[0].data.shape == (
-      MODEL_CONFIG.vocab_size // tensor, MODEL_CONFIG.hidden_size // fsdp)
+      MODEL_CONFIG.vocab_size // tensor,
+      MODEL_CONFIG.hidden_size // fsdp,
+  )
   q_kernel = params["layers"]["attn"]["q_proj"]["kernel"]  # (layers, embed, heads, head_dim)
   assert q_kernel.addressable_shards[0].data.shape == (
-      MODEL_CONFIG.num_layers, MODEL_CONFIG.hidden_size // fsdp, MODEL_CONFIG.num_heads // tensor,
-      MODEL_CONFIG.head_dim)
+      MODEL_CONFIG.num_layers,
+      MODEL_CONFIG.hidden_size // fsdp,
+      MODEL_CONFIG.num_heads // tensor,
+      MODEL_CONFIG.head_dim,
+  )
   down = params["layers"]["mlp"]["down_proj"]["kernel"]  # (layers, mlp, embed)
   assert down.sharding.spec == P(None, "tensor", "fsdp")
   # Each device holds about 1/(fsdp*tensor) of the model: nothing is whole on one device.
@@ -456,8 +477,7 @@ def test_parameters_are_really_split_over_fsdp_and_tensor(sharded):
 def test_optimizer_moments_carry_the_parameter_shardings(sharded):
   state = sharded["state"]
   param_specs = jax.tree.map(lambda x: x.sharding.spec, state["params"])
-  adam_states = [s for s in jax.tree.leaves(state["opt_state"], is_leaf=lambda s: hasattr(s, "mu"))
-                 if hasattr(s, "mu")]
+  adam_states = [s for s in jax.tree.leaves(state["opt_state"], is_leaf=lambda s: hasattr(s, "mu")) if hasattr(s, "mu")]
   assert len(adam_states) == 1
   assert jax.tree.map(lambda x: x.sharding.spec, adam_states[0].mu) == param_specs
   assert jax.tree.map(lambda x: x.sharding.spec, adam_states[0].nu) == param_specs

@@ -61,8 +61,16 @@ TINY = {
     "checkpoint.keep": 3,
     "checkpoint.async_save": True,
 }
-STEP_KEYS = ("loss", "loss_cft", "loss_sft", "learning_rate", "grad_norm", "tokens_per_second",
-             "nonpad_fraction", "step_time")
+STEP_KEYS = (
+    "loss",
+    "loss_cft",
+    "loss_sft",
+    "learning_rate",
+    "grad_norm",
+    "tokens_per_second",
+    "nonpad_fraction",
+    "step_time",
+)
 
 
 def tiny_config(data_dir: Path, **changes) -> ml_collections.ConfigDict:
@@ -79,7 +87,9 @@ def override_flags(data_dir: Path, **changes) -> list[str]:
 
 def xla_flags_with_devices(count: int) -> str:
   """This session's XLA flags (conftest's compile settings) with another device count."""
-  kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+  kept = [
+      f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
+  ]
   return " ".join(kept + [f"--xla_force_host_platform_device_count={count}"])
 
 
@@ -248,17 +258,28 @@ def check_metrics_logged(workdir: Path, result, batches, data_dir: Path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
   # A learning rate this large blows the parameters up after the first update: step 2's
   # gradient is NaN (its loss may still look finite) and would poison what it writes.
-  config = tiny_config(data_dir, **{"optim.learning_rate": 1e30, "optim.warmup_steps": 0,
-                                    "checkpoint.every_steps": 1, "train.eval_every": 0})
+  config = tiny_config(
+      data_dir,
+      **{"optim.learning_rate": 1e30, "optim.warmup_steps": 0, "checkpoint.every_steps": 1, "train.eval_every": 0},
+  )
   with pytest.raises(train.TrainingStopped) as stopped:
     train.run(config, tmp_path, ONE_DEVICE)
-  assert re.search(r"(loss|grad_norm) is (nan|inf).* at step 2: stopping without saving; "
-                   r"the last good checkpoint .* step 1\) is intact", str(stopped.value)), stopped.value
+  assert re.search(
+      r"(loss|grad_norm) is (nan|inf).* at step 2: stopping without saving; "
+      r"the last good checkpoint .* step 1\) is intact",
+      str(stopped.value),
+  ), stopped.value
   assert checkpoint_steps(tmp_path) == [1]  # the bad state of step 2 was not saved
   bad = step_lines(tmp_path)[2]  # logged, for the record
   assert "nan" in (bad["loss"], bad["grad_norm"]) or "inf" in (bad["loss"], bad["grad_norm"])
-  params = jax.device_get(ckpt.load_params(tmp_path, train.state_layout(
-      *_model_and_tx(config), sharding.make_mesh(config.mesh, ONE_DEVICE), config.seed).abstract["params"]))
+  params = jax.device_get(
+      ckpt.load_params(
+          tmp_path,
+          train.state_layout(*_model_and_tx(config), sharding.make_mesh(config.mesh, ONE_DEVICE), config.seed).abstract[
+              "params"
+          ],
+      )
+  )
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
 
 
@@ -282,7 +303,11 @@ def test_sigterm_saves_at_the_next_step_and_resume_continues(data_dir, tmp_path,
   env = {**os.environ, "XLA_FLAGS": xla_flags_with_devices(1), "JAX_PLATFORMS": "cpu"}
   proc = subprocess.Popen(
       [sys.executable, "scripts/train.py", f"--workdir={workdir}", *override_flags(data_dir, **changes)],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
   )
   try:
     lines = _wait_for_line(proc, r"step 1/100000", timeout=240)
@@ -310,7 +335,10 @@ def test_sigterm_saves_at_the_next_step_and_resume_continues(data_dir, tmp_path,
 def test_mistyped_config_key_fails_naming_it(tmp_path):
   proc = subprocess.run(
       [sys.executable, "scripts/train.py", f"--workdir={tmp_path}", "--config.train.nonexistent=1"],
-      cwd=REPO, capture_output=True, text=True, timeout=120,
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
   )
   assert proc.returncode != 0
   assert "nonexistent" in proc.stderr, proc.stderr
@@ -322,8 +350,9 @@ def test_mistyped_config_key_fails_naming_it(tmp_path):
 def test_estimated_steps_are_the_batches_of_the_epochs(data_dir, mixture, packing):
   """train.num_steps=-1 sizes the schedule to the data: packing leaves padding, and a 3:1
   mixture ends its epoch when its first source runs out."""
-  config = tiny_config(data_dir, **{"data.mixture": mixture, "data.packing": packing, "data.max_length": 512,
-                                    "data.num_epochs": 2})
+  config = tiny_config(
+      data_dir, **{"data.mixture": mixture, "data.packing": packing, "data.max_length": 512, "data.num_epochs": 2}
+  )
   sources = sources_lib.load_sources(config.data, "train")
   tokenizer = sources_lib.tokenizer_path(config.data, sources_lib.prepare(config.data))
   batches = sum(1 for _ in pipeline.make_dataset(config.data, sources, tokenizer, rows=4, train=True))

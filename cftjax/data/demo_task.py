@@ -50,156 +50,155 @@ _OPERAND_SLIPS = (-2, -1, 1, 2)
 _PHRASES = {"+": "add", "-": "subtract", "*": "multiply by"}
 _OPS_BY_PHRASE = {phrase: op for op, phrase in _PHRASES.items()}
 # Bump when the generated text or file layout changes, so old caches are not reused.
-DATA_FORMAT_VERSION = 4
+DATA_FORMAT_VERSION = 5
 DRILL_QUERY = "Practice: work out each line."
 # The CFT paper's instruction; fed to tokenizer training so the prompt tokenizes compactly.
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-    """What the demo data is a function of. Equal configs give byte-identical files."""
+  """What the demo data is a function of. Equal configs give byte-identical files."""
 
-    seed: int = 0
-    num_train: int = 4000
-    num_validation: int = 200
-    num_test: int = 200
-    min_steps: int = 3
-    max_steps: int = 5
-    error_fraction: float = 0.5
-    flawed_critique_fraction: float = 0.2
-    vocab_size: int = 512  # upper bound for the demo SentencePiece model
-    # The task's difficulty: every value stays in [min_value, max_value) (min_value 10 and
-    # max_value 100 write every number with two digits); start values in [max(2, min_value), max_start]; add/subtract operands in [1, max_add_operand]; multipliers in
-    # [2, max_multiplier] (below 2: no multiplication); injected errors of these kinds, an
-    # arithmetic error shifting a result by one of arithmetic_slips.
-    min_value: int = 0
-    max_value: int = MAX_VALUE
-    max_start: int = 60
-    max_add_operand: int = 30
-    max_multiplier: int = 9
-    error_kinds: tuple[str, ...] = ERROR_KINDS
-    arithmetic_slips: tuple[int, ...] = (-10, -3, -2, -1, 1, 2, 3, 10)
-    # Equations per arithmetic practice record (`drill_records`).
-    drill_lines: int = 12
+  seed: int = 0
+  num_train: int = 4000
+  num_validation: int = 200
+  num_test: int = 200
+  min_steps: int = 3
+  max_steps: int = 5
+  error_fraction: float = 0.5
+  flawed_critique_fraction: float = 0.2
+  vocab_size: int = 512  # upper bound for the demo SentencePiece model
+  # The task's difficulty: every value stays in [min_value, max_value) (min_value 10 and
+  # max_value 100 write every number with two digits); start values in [max(2, min_value), max_start]; add/subtract operands in [1, max_add_operand]; multipliers in
+  # [2, max_multiplier] (below 2: no multiplication); injected errors of these kinds, an
+  # arithmetic error shifting a result by one of arithmetic_slips.
+  min_value: int = 0
+  max_value: int = MAX_VALUE
+  max_start: int = 60
+  max_add_operand: int = 30
+  max_multiplier: int = 9
+  error_kinds: tuple[str, ...] = ERROR_KINDS
+  arithmetic_slips: tuple[int, ...] = (-10, -3, -2, -1, 1, 2, 3, 10)
+  # Equations per arithmetic practice record (`drill_records`).
+  drill_lines: int = 12
 
-    def __post_init__(self) -> None:
-        for name in ("num_train", "num_validation", "num_test"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"DemoConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if not 1 <= self.min_steps <= self.max_steps:
-            raise ValueError(
-                f"DemoConfig needs 1 <= min_steps <= max_steps, got min_steps={self.min_steps}, "
-                f"max_steps={self.max_steps}"
-            )
-        for name in ("error_fraction", "flawed_critique_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"DemoConfig.{name} must be in [0, 1], got {getattr(self, name)}")
-        if not max(2, self.min_value) <= self.max_start < self.max_value:
-            raise ValueError(
-                f"DemoConfig needs max(2, min_value) <= max_start < max_value, got min_value={self.min_value}, "
-                f"max_start={self.max_start}, max_value={self.max_value}"
-            )
-        if self.drill_lines < 1:
-            raise ValueError(f"DemoConfig.drill_lines must be >= 1, got {self.drill_lines}")
-        if self.max_add_operand < 1:
-            raise ValueError(f"DemoConfig.max_add_operand must be >= 1, got {self.max_add_operand}")
-        if not self.error_kinds or set(self.error_kinds) - set(ERROR_KINDS):
-            raise ValueError(f"DemoConfig.error_kinds must be a non-empty subset of {ERROR_KINDS}, got {self.error_kinds}")
-        if not self.arithmetic_slips or 0 in self.arithmetic_slips:
-            raise ValueError(f"DemoConfig.arithmetic_slips must be non-empty and non-zero, got {self.arithmetic_slips}")
-        if self.vocab_size < 300:
-            raise ValueError(
-                f"DemoConfig.vocab_size must be >= 300 (256 byte-fallback pieces plus specials), "
-                f"got {self.vocab_size}"
-            )
+  def __post_init__(self) -> None:
+    for name in ("num_train", "num_validation", "num_test"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"DemoConfig.{name} must be >= 0, got {getattr(self, name)}")
+    if not 1 <= self.min_steps <= self.max_steps:
+      raise ValueError(
+          f"DemoConfig needs 1 <= min_steps <= max_steps, got min_steps={self.min_steps}, "
+          f"max_steps={self.max_steps}"
+      )
+    for name in ("error_fraction", "flawed_critique_fraction"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise ValueError(f"DemoConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+    if not max(2, self.min_value) <= self.max_start < self.max_value:
+      raise ValueError(
+          f"DemoConfig needs max(2, min_value) <= max_start < max_value, got min_value={self.min_value}, "
+          f"max_start={self.max_start}, max_value={self.max_value}"
+      )
+    if self.drill_lines < 1:
+      raise ValueError(f"DemoConfig.drill_lines must be >= 1, got {self.drill_lines}")
+    if self.max_add_operand < 1:
+      raise ValueError(f"DemoConfig.max_add_operand must be >= 1, got {self.max_add_operand}")
+    if not self.error_kinds or set(self.error_kinds) - set(ERROR_KINDS):
+      raise ValueError(f"DemoConfig.error_kinds must be a non-empty subset of {ERROR_KINDS}, got {self.error_kinds}")
+    if not self.arithmetic_slips or 0 in self.arithmetic_slips:
+      raise ValueError(f"DemoConfig.arithmetic_slips must be non-empty and non-zero, got {self.arithmetic_slips}")
+    if self.vocab_size < 300:
+      raise ValueError(
+          f"DemoConfig.vocab_size must be >= 300 (256 byte-fallback pieces plus specials), " f"got {self.vocab_size}"
+      )
 
-    def split_size(self, split: str) -> int:
-        _check_split(split)
-        return getattr(self, f"num_{split}")
+  def split_size(self, split: str) -> int:
+    _check_split(split)
+    return getattr(self, f"num_{split}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    start: int
-    operations: tuple[tuple[str, int], ...]  # (op, operand) with op in "+", "-", "*"
+  start: int
+  operations: tuple[tuple[str, int], ...]  # (op, operand) with op in "+", "-", "*"
 
-    def canonical(self) -> str:
-        """A unique text form, used to dedupe problems and to assign them to splits."""
-        return " ".join([str(self.start), *(f"{op}{operand}" for op, operand in self.operations)])
+  def canonical(self) -> str:
+    """A unique text form, used to dedupe problems and to assign them to splits."""
+    return " ".join([str(self.start), *(f"{op}{operand}" for op, operand in self.operations)])
 
-    @functools.cached_property
-    def values(self) -> tuple[int, ...]:
-        """The start value followed by the correct value after each step."""
-        values = [self.start]
-        for op, operand in self.operations:
-            values.append(_apply(op, values[-1], operand))
-        return tuple(values)
+  @functools.cached_property
+  def values(self) -> tuple[int, ...]:
+    """The start value followed by the correct value after each step."""
+    values = [self.start]
+    for op, operand in self.operations:
+      values.append(_apply(op, values[-1], operand))
+    return tuple(values)
 
-    @functools.cached_property
-    def solution(self) -> tuple[Step, ...]:
-        """The correct solution, one `Step` per operation."""
-        values = self.values
-        return tuple(Step(values[i], op, operand, values[i + 1]) for i, (op, operand) in enumerate(self.operations))
+  @functools.cached_property
+  def solution(self) -> tuple[Step, ...]:
+    """The correct solution, one `Step` per operation."""
+    values = self.values
+    return tuple(Step(values[i], op, operand, values[i + 1]) for i, (op, operand) in enumerate(self.operations))
 
-    @property
-    def answer(self) -> int:
-        return self.values[-1]
+  @property
+  def answer(self) -> int:
+    return self.values[-1]
 
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """One written solution line: `left op operand = result` (right or wrong)."""
+  """One written solution line: `left op operand = result` (right or wrong)."""
 
-    left: int
-    op: str
-    operand: int
-    result: int
+  left: int
+  op: str
+  operand: int
+  result: int
 
-    def equation(self) -> str:
-        return f"{self.left} {self.op} {self.operand} = {self.result}"
+  def equation(self) -> str:
+    return f"{self.left} {self.op} {self.operand} = {self.result}"
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoData:
-    """Where `prepare_demo_data` put the demo files, and whether this call built them."""
+  """Where `prepare_demo_data` put the demo files, and whether this call built them."""
 
-    directory: Path
-    config: DemoConfig
-    tokenizer_path: Path
-    cft_paths: Mapping[str, Path]  # split -> JSONL of CFT records
-    sft_paths: Mapping[str, Path]  # split -> JSONL of SFT records for the same problems
-    drill_paths: Mapping[str, Path]  # split -> JSONL of arithmetic practice records
-    built: bool  # False when an existing cache was reused
+  directory: Path
+  config: DemoConfig
+  tokenizer_path: Path
+  cft_paths: Mapping[str, Path]  # split -> JSONL of CFT records
+  sft_paths: Mapping[str, Path]  # split -> JSONL of SFT records for the same problems
+  drill_paths: Mapping[str, Path]  # split -> JSONL of arithmetic practice records
+  built: bool  # False when an existing cache was reused
 
-    def records(self, split: str, kind: str = "cft") -> list[dict[str, str]]:
-        """One split's records of one kind: "cft", "sft" (both per problem) or "drill"."""
-        _check_split(split)
-        paths = {"cft": self.cft_paths, "sft": self.sft_paths, "drill": self.drill_paths}
-        if kind not in paths:
-            raise ValueError(f"demo record kind must be one of {sorted(paths)}, got {kind!r}")
-        return read_jsonl(paths[kind][split])
+  def records(self, split: str, kind: str = "cft") -> list[dict[str, str]]:
+    """One split's records of one kind: "cft", "sft" (both per problem) or "drill"."""
+    _check_split(split)
+    paths = {"cft": self.cft_paths, "sft": self.sft_paths, "drill": self.drill_paths}
+    if kind not in paths:
+      raise ValueError(f"demo record kind must be one of {sorted(paths)}, got {kind!r}")
+    return read_jsonl(paths[kind][split])
 
-    def tokenizer(self) -> SentencePieceTokenizer:
-        return SentencePieceTokenizer(self.tokenizer_path)
+  def tokenizer(self) -> SentencePieceTokenizer:
+    return SentencePieceTokenizer(self.tokenizer_path)
 
 
 def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
 
 
 def _apply(op: str, left: int, operand: int) -> int:
-    if op == "+":
-        return left + operand
-    if op == "-":
-        return left - operand
-    if op == "*":
-        return left * operand
-    raise ValueError(f"unknown operation {op!r}")
+  if op == "+":
+    return left + operand
+  if op == "-":
+    return left - operand
+  if op == "*":
+    return left * operand
+  raise ValueError(f"unknown operation {op!r}")
 
 
 def _in_range(value: int, config: DemoConfig) -> bool:
-    return config.min_value <= value < config.max_value
+  return config.min_value <= value < config.max_value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,44 +206,44 @@ def _in_range(value: int, config: DemoConfig) -> bool:
 
 
 def _uniform_int(rng: random.Random, low: int, high: int) -> int:
-    """An int in [low, high]; `rng.random()` is several times faster than `randint`."""
-    return low + int(rng.random() * (high - low + 1))
+  """An int in [low, high]; `rng.random()` is several times faster than `randint`."""
+  return low + int(rng.random() * (high - low + 1))
 
 
 def _sample_operation(rng: random.Random, value: int, config: DemoConfig) -> tuple[str, int]:
-    """An (op, operand) whose result from `value` stays in [min_value, max_value)."""
-    top = config.max_value
-    feasible = "+" if value + 1 < top else ""
-    if value - 1 >= config.min_value:
-        feasible += "-*" if value * 2 < top and config.max_multiplier >= 2 else "-"
-    op = feasible[int(rng.random() * len(feasible))]
-    if op == "+":
-        return op, _uniform_int(rng, 1, min(config.max_add_operand, top - 1 - value))
-    if op == "-":
-        return op, _uniform_int(rng, 1, min(config.max_add_operand, value - config.min_value))
-    return op, _uniform_int(rng, 2, min(config.max_multiplier, (top - 1) // value))
+  """An (op, operand) whose result from `value` stays in [min_value, max_value)."""
+  top = config.max_value
+  feasible = "+" if value + 1 < top else ""
+  if value - 1 >= config.min_value:
+    feasible += "-*" if value * 2 < top and config.max_multiplier >= 2 else "-"
+  op = feasible[int(rng.random() * len(feasible))]
+  if op == "+":
+    return op, _uniform_int(rng, 1, min(config.max_add_operand, top - 1 - value))
+  if op == "-":
+    return op, _uniform_int(rng, 1, min(config.max_add_operand, value - config.min_value))
+  return op, _uniform_int(rng, 2, min(config.max_multiplier, (top - 1) // value))
 
 
 def _sample_problem(rng: random.Random, config: DemoConfig) -> Problem:
-    value = _uniform_int(rng, max(2, config.min_value), config.max_start)
-    start = value
-    operations = []
-    for _ in range(_uniform_int(rng, config.min_steps, config.max_steps)):
-        op, operand = _sample_operation(rng, value, config)
-        operations.append((op, operand))
-        value = _apply(op, value, operand)
-    return Problem(start, tuple(operations))
+  value = _uniform_int(rng, max(2, config.min_value), config.max_start)
+  start = value
+  operations = []
+  for _ in range(_uniform_int(rng, config.min_steps, config.max_steps)):
+    op, operand = _sample_operation(rng, value, config)
+    operations.append((op, operand))
+    value = _apply(op, value, operand)
+  return Problem(start, tuple(operations))
 
 
 def _split_of(canonical: str) -> str:
-    digest = hashlib.blake2b(canonical.encode("ascii"), digest_size=8).digest()
-    bucket = int.from_bytes(digest, "big") % 100
-    return next(split for split, (low, high) in _SPLIT_BUCKET_BOUNDS.items() if low <= bucket < high)
+  digest = hashlib.blake2b(canonical.encode("ascii"), digest_size=8).digest()
+  bucket = int.from_bytes(digest, "big") % 100
+  return next(split for split, (low, high) in _SPLIT_BUCKET_BOUNDS.items() if low <= bucket < high)
 
 
 def query_text(problem: Problem) -> str:
-    phrases = ", then ".join(f"{_PHRASES[op]} {operand}" for op, operand in problem.operations)
-    return f"Start with {problem.start}. {phrases[0].upper()}{phrases[1:]}. What is the result?"
+  phrases = ", then ".join(f"{_PHRASES[op]} {operand}" for op, operand in problem.operations)
+  return f"Start with {problem.start}. {phrases[0].upper()}{phrases[1:]}. What is the result?"
 
 
 _QUERY_RE = re.compile(r"Start with (\d+)\. (.+)\. What is the result\?")
@@ -252,70 +251,70 @@ _OPERATION_RE = re.compile(r"(add|subtract|multiply by) (\d+)")
 
 
 def parse_query(query: str) -> Problem:
-    """Inverse of `query_text`; raises ValueError naming the query if it is not a demo query."""
-    match = _QUERY_RE.fullmatch(query)
-    if match is None:
-        raise ValueError(f"not a demo arithmetic query: {query!r}")
-    operations = []
-    for phrase in match.group(2).split(", then "):
-        op_match = _OPERATION_RE.fullmatch(phrase[:1].lower() + phrase[1:])
-        if op_match is None:
-            raise ValueError(f"unknown operation {phrase!r} in demo query {query!r}")
-        operations.append((_OPS_BY_PHRASE[op_match.group(1)], int(op_match.group(2))))
-    return Problem(int(match.group(1)), tuple(operations))
+  """Inverse of `query_text`; raises ValueError naming the query if it is not a demo query."""
+  match = _QUERY_RE.fullmatch(query)
+  if match is None:
+    raise ValueError(f"not a demo arithmetic query: {query!r}")
+  operations = []
+  for phrase in match.group(2).split(", then "):
+    op_match = _OPERATION_RE.fullmatch(phrase[:1].lower() + phrase[1:])
+    if op_match is None:
+      raise ValueError(f"unknown operation {phrase!r} in demo query {query!r}")
+    operations.append((_OPS_BY_PHRASE[op_match.group(1)], int(op_match.group(2))))
+  return Problem(int(match.group(1)), tuple(operations))
 
 
 def response_text(steps: Sequence[Step]) -> str:
-    lines = [f"Step {i}: {step.equation()}" for i, step in enumerate(steps, start=1)]
-    lines.append(f"The answer is {steps[-1].result}.")
-    return "\n".join(lines)
+  lines = [f"Step {i}: {step.equation()}" for i, step in enumerate(steps, start=1)]
+  lines.append(f"The answer is {steps[-1].result}.")
+  return "\n".join(lines)
 
 
 def _propagate(problem: Problem, steps: list[Step], from_index: int, config: DemoConfig) -> list[Step] | None:
-    """Recompute steps after `from_index` from the (wrong) value there; None if out of range."""
-    for index in range(from_index + 1, len(problem.operations)):
-        op, operand = problem.operations[index]
-        left = steps[index - 1].result
-        result = _apply(op, left, operand)
-        if not _in_range(result, config):
-            return None
-        steps[index] = Step(left, op, operand, result)
-    return steps
+  """Recompute steps after `from_index` from the (wrong) value there; None if out of range."""
+  for index in range(from_index + 1, len(problem.operations)):
+    op, operand = problem.operations[index]
+    left = steps[index - 1].result
+    result = _apply(op, left, operand)
+    if not _in_range(result, config):
+      return None
+    steps[index] = Step(left, op, operand, result)
+  return steps
 
 
 def _inject_error(
     rng: random.Random, problem: Problem, config: DemoConfig, max_tries: int = 50
 ) -> tuple[list[Step], int] | None:
-    """The solution with one error at a random step, or None if no valid one was found.
+  """The solution with one error at a random step, or None if no valid one was found.
 
-    Returns (steps, error index). The error always changes the final answer and keeps every
-    value in [config.min_value, config.max_value).
-    """
-    correct = list(problem.solution)
-    for _ in range(max_tries):
-        index = rng.randrange(len(correct))
-        step = correct[index]
-        kind = rng.choice(config.error_kinds)
-        if kind == "arithmetic":
-            wrong = dataclasses.replace(step, result=step.result + rng.choice(config.arithmetic_slips))
-        elif kind == "carried":
-            left = step.left + rng.choice(config.arithmetic_slips)
-            if index == 0 or not _in_range(left, config):
-                continue
-            wrong = dataclasses.replace(step, left=left, result=_apply(step.op, left, step.operand))
-        else:
-            operand = step.operand + rng.choice(_OPERAND_SLIPS)
-            if operand < (2 if step.op == "*" else 1):
-                continue
-            wrong = dataclasses.replace(step, operand=operand, result=_apply(step.op, step.left, operand))
-        if not _in_range(wrong.result, config):
-            continue
-        steps = list(correct)
-        steps[index] = wrong
-        propagated = _propagate(problem, steps, index, config)
-        if propagated is not None and propagated[-1].result != problem.answer:
-            return propagated, index
-    return None
+  Returns (steps, error index). The error always changes the final answer and keeps every
+  value in [config.min_value, config.max_value).
+  """
+  correct = list(problem.solution)
+  for _ in range(max_tries):
+    index = rng.randrange(len(correct))
+    step = correct[index]
+    kind = rng.choice(config.error_kinds)
+    if kind == "arithmetic":
+      wrong = dataclasses.replace(step, result=step.result + rng.choice(config.arithmetic_slips))
+    elif kind == "carried":
+      left = step.left + rng.choice(config.arithmetic_slips)
+      if index == 0 or not _in_range(left, config):
+        continue
+      wrong = dataclasses.replace(step, left=left, result=_apply(step.op, left, step.operand))
+    else:
+      operand = step.operand + rng.choice(_OPERAND_SLIPS)
+      if operand < (2 if step.op == "*" else 1):
+        continue
+      wrong = dataclasses.replace(step, operand=operand, result=_apply(step.op, step.left, operand))
+    if not _in_range(wrong.result, config):
+      continue
+    steps = list(correct)
+    steps[index] = wrong
+    propagated = _propagate(problem, steps, index, config)
+    if propagated is not None and propagated[-1].result != problem.answer:
+      return propagated, index
+  return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,157 +322,164 @@ def _inject_error(
 
 
 def _first_wrong_step(problem: Problem, steps: Sequence[Step]) -> int | None:
-    """Index of the first step that differs from the correct solution, or None."""
-    for index, (step, correct) in enumerate(zip(steps, problem.solution)):
-        if step != correct:
-            return index
-    return None
+  """Index of the first step that differs from the correct solution, or None."""
+  for index, (step, correct) in enumerate(zip(steps, problem.solution)):
+    if step != correct:
+      return index
+  return None
 
 
 _STEP_RE = re.compile(r"Step \d+: (\d+) ([-+*]) (\d+) = (\d+)")
 
 
 def error_kind(query: str, response: str) -> str | None:
-    """The kind of the first wrong step of a demo response ("arithmetic", "operand",
-    "carried"), or None when every step is right. Raises ValueError naming a line it cannot read."""
-    problem = parse_query(query)
-    steps = []
-    for line in response.split("\n")[: len(problem.operations)]:
-        match = _STEP_RE.fullmatch(line)
-        if match is None:
-            raise ValueError(f"not a demo solution line: {line!r}")
-        left, op, operand, result = match.groups()
-        steps.append(Step(int(left), op, int(operand), int(result)))
-    index = _first_wrong_step(problem, steps)
-    if index is None:
-        return None
-    step = steps[index]
-    if step.left != problem.values[index]:
-        return "carried"
-    return "operand" if step.operand != problem.operations[index][1] else "arithmetic"
+  """The kind of the first wrong step of a demo response ("arithmetic", "operand",
+  "carried"), or None when every step is right. Raises ValueError naming a line it cannot read."""
+  problem = parse_query(query)
+  steps = []
+  for line in response.split("\n")[: len(problem.operations)]:
+    match = _STEP_RE.fullmatch(line)
+    if match is None:
+      raise ValueError(f"not a demo solution line: {line!r}")
+    left, op, operand, result = match.groups()
+    steps.append(Step(int(left), op, int(operand), int(result)))
+  index = _first_wrong_step(problem, steps)
+  if index is None:
+    return None
+  step = steps[index]
+  if step.left != problem.values[index]:
+    return "carried"
+  return "operand" if step.operand != problem.operations[index][1] else "arithmetic"
 
 
 def _correction(problem: Problem, index: int) -> str:
-    """Step `index` as it should read: the previous step's value and the question's operation."""
-    op, operand = problem.operations[index]
-    left = problem.values[index]
-    return f"{left} {op} {operand} = {_apply(op, left, operand)}"
+  """Step `index` as it should read: the previous step's value and the question's operation."""
+  op, operand = problem.operations[index]
+  left = problem.values[index]
+  return f"{left} {op} {operand} = {_apply(op, left, operand)}"
 
 
-def _check_line(number: int, step: Step, input_text: str, input_value: int,
-                asked: tuple[str, int], computed: int) -> tuple[str, bool]:
-    """One step's check: its input against where it comes from, its operation against the
-    question, its result against the recomputed one, each ending "ok" or "wrong" and stopping
-    at the first wrong. Each check states the source first and the written value right after
-    it, so every verdict compares two values a few tokens apart, and the source is fetched
-    from the question or the previous check, never from the same step's written line."""
-    checks = (
-        (f"Input: {input_text} {input_value}, written {step.left}", step.left == input_value),
-        (f"Operation: the question says {_PHRASES[asked[0]]} {asked[1]}, written {step.op} {step.operand}",
-         (step.op, step.operand) == asked),
-        (f"Result: {step.left} {step.op} {step.operand} makes {computed}, written {step.result}", step.result == computed),
-    )
-    parts = []
-    for text, ok in checks:
-        parts.append(f"{text}: {'ok' if ok else 'wrong'}.")
-        if not ok:
-            break
-    return f"Step {number}. " + " ".join(parts), ok
+def _check_line(
+    number: int, step: Step, input_text: str, input_value: int, asked: tuple[str, int], computed: int
+) -> tuple[str, bool]:
+  """One step's check: its input against where it comes from, its operation against the
+  question, its result against the recomputed one, each ending "ok" or "wrong" and stopping
+  at the first wrong. Each check states the source first and the written value right after
+  it, so every verdict compares two values a few tokens apart, and the source is fetched
+  from the question or the previous check, never from the same step's written line."""
+  checks = (
+      (f"Input: {input_text} {input_value}, written {step.left}", step.left == input_value),
+      (
+          f"Operation: the question says {_PHRASES[asked[0]]} {asked[1]}, written {step.op} {step.operand}",
+          (step.op, step.operand) == asked,
+      ),
+      (
+          f"Result: {step.left} {step.op} {step.operand} makes {computed}, written {step.result}",
+          step.result == computed,
+      ),
+  )
+  parts = []
+  for text, ok in checks:
+    parts.append(f"{text}: {'ok' if ok else 'wrong'}.")
+    if not ok:
+      break
+  return f"Step {number}. " + " ".join(parts), ok
 
 
 def _input_source(problem: Problem, steps: Sequence[Step], index: int) -> tuple[str, int]:
-    if index == 0:
-        return "the question starts with", problem.start
-    return f"step {index} gave", steps[index - 1].result
+  if index == 0:
+    return "the question starts with", problem.start
+  return f"step {index} gave", steps[index - 1].result
 
 
-def _critique_lines(problem: Problem, steps: Sequence[Step], believed: bool = False,
-                    claimed: tuple[int, int] | None = None) -> tuple[list[str], int | None]:
-    """Check lines up to the first wrong step, and that step's index (None: all accepted).
+def _critique_lines(
+    problem: Problem, steps: Sequence[Step], believed: bool = False, claimed: tuple[int, int] | None = None
+) -> tuple[list[str], int | None]:
+  """Check lines up to the first wrong step, and that step's index (None: all accepted).
 
-    Faithful by default. `believed`: a careless critic that takes every written number as
-    its source (it waves any response through). `claimed=(index, value)`: a critic that
-    miscomputes step `index` as `value`.
-    """
-    lines = []
-    for index, step in enumerate(steps):
-        if believed:
-            input_text, input_value = _input_source(problem, steps, index)[0], step.left
-            asked, computed = (step.op, step.operand), step.result
-        else:
-            input_text, input_value = _input_source(problem, steps, index)
-            asked = problem.operations[index]
-            computed = _apply(step.op, step.left, step.operand)
-            if claimed is not None and claimed[0] == index:
-                computed = claimed[1]
-        line, ok = _check_line(index + 1, step, input_text, input_value, asked, computed)
-        lines.append(line)
-        if not ok:
-            return lines, index
-    return lines, None
+  Faithful by default. `believed`: a careless critic that takes every written number as
+  its source (it waves any response through). `claimed=(index, value)`: a critic that
+  miscomputes step `index` as `value`.
+  """
+  lines = []
+  for index, step in enumerate(steps):
+    if believed:
+      input_text, input_value = _input_source(problem, steps, index)[0], step.left
+      asked, computed = (step.op, step.operand), step.result
+    else:
+      input_text, input_value = _input_source(problem, steps, index)
+      asked = problem.operations[index]
+      computed = _apply(step.op, step.left, step.operand)
+      if claimed is not None and claimed[0] == index:
+        computed = claimed[1]
+    line, ok = _check_line(index + 1, step, input_text, input_value, asked, computed)
+    lines.append(line)
+    if not ok:
+      return lines, index
+  return lines, None
 
 
 def _rejection_lines(number: int, should_read: str, num_steps: int) -> list[str]:
-    lines = [f"So step {number} should be {should_read}."]
-    if number < num_steps:
-        lines.append(f"Steps after step {number} build on the wrong value.")
-    return lines
+  lines = [f"So step {number} should be {should_read}."]
+  if number < num_steps:
+    lines.append(f"Steps after step {number} build on the wrong value.")
+  return lines
 
 
 def critique_text(problem: Problem, steps: Sequence[Step]) -> str:
-    """A faithful critique: checks steps up to the first wrong one, gives the right answer."""
-    lines, wrong_index = _critique_lines(problem, steps)
-    if wrong_index is not None:
-        lines += _rejection_lines(wrong_index + 1, _correction(problem, wrong_index), len(steps))
-    lines.append(f"The correct final answer is {problem.answer}.")
-    lines.append(f"Conclusion: {'right' if wrong_index is None else 'wrong'}")
-    return "\n".join(lines)
+  """A faithful critique: checks steps up to the first wrong one, gives the right answer."""
+  lines, wrong_index = _critique_lines(problem, steps)
+  if wrong_index is not None:
+    lines += _rejection_lines(wrong_index + 1, _correction(problem, wrong_index), len(steps))
+  lines.append(f"The correct final answer is {problem.answer}.")
+  lines.append(f"Conclusion: {'right' if wrong_index is None else 'wrong'}")
+  return "\n".join(lines)
 
 
 def flawed_critique_text(rng: random.Random, problem: Problem, steps: Sequence[Step], config: DemoConfig) -> str:
-    """A critique whose verdict is wrong, with step checks consistent with that verdict.
+  """A critique whose verdict is wrong, with step checks consistent with that verdict.
 
-    A wrong response is waved through (the critic believes every written number, its answer
-    too); a right response gets one step miscomputed by a slip, and the final answer that
-    value would lead to is stated as the correct one.
-    """
-    if _first_wrong_step(problem, steps) is not None:
-        lines, _ = _critique_lines(problem, steps, believed=True)
-        lines.append(f"The correct final answer is {steps[-1].result}.")
-        lines.append("Conclusion: right")
-        return "\n".join(lines)
-    # A made-up value for one step, chosen so the final answer it leads to stays in range.
-    candidates = [(index, slip) for index in range(len(steps)) for slip in config.arithmetic_slips]
-    rng.shuffle(candidates)
-    for index, slip in candidates:
-        step = steps[index]
-        claimed = step.result + slip
-        claimed_final = claimed
-        for op, operand in problem.operations[index + 1 :]:
-            claimed_final = _apply(op, claimed_final, operand)
-        if _in_range(claimed, config) and _in_range(claimed_final, config):
-            break
-    else:  # unreachable for demo problems; say so loudly rather than emit odd values
-        raise RuntimeError(f"demo data: no in-range flawed critique for {problem.canonical()!r}")
-    lines, _ = _critique_lines(problem, steps, claimed=(index, claimed))
-    lines += _rejection_lines(index + 1, f"{step.left} {step.op} {step.operand} = {claimed}", len(steps))
-    lines.append(f"The correct final answer is {claimed_final}.")
-    lines.append("Conclusion: wrong")
+  A wrong response is waved through (the critic believes every written number, its answer
+  too); a right response gets one step miscomputed by a slip, and the final answer that
+  value would lead to is stated as the correct one.
+  """
+  if _first_wrong_step(problem, steps) is not None:
+    lines, _ = _critique_lines(problem, steps, believed=True)
+    lines.append(f"The correct final answer is {steps[-1].result}.")
+    lines.append("Conclusion: right")
     return "\n".join(lines)
+  # A made-up value for one step, chosen so the final answer it leads to stays in range.
+  candidates = [(index, slip) for index in range(len(steps)) for slip in config.arithmetic_slips]
+  rng.shuffle(candidates)
+  for index, slip in candidates:
+    step = steps[index]
+    claimed = step.result + slip
+    claimed_final = claimed
+    for op, operand in problem.operations[index + 1 :]:
+      claimed_final = _apply(op, claimed_final, operand)
+    if _in_range(claimed, config) and _in_range(claimed_final, config):
+      break
+  else:  # unreachable for demo problems; say so loudly rather than emit odd values
+    raise RuntimeError(f"demo data: no in-range flawed critique for {problem.canonical()!r}")
+  lines, _ = _critique_lines(problem, steps, claimed=(index, claimed))
+  lines += _rejection_lines(index + 1, f"{step.left} {step.op} {step.operand} = {claimed}", len(steps))
+  lines.append(f"The correct final answer is {claimed_final}.")
+  lines.append("Conclusion: wrong")
+  return "\n".join(lines)
 
 
 _FINAL_ANSWER_RE = re.compile(r"The (?:correct )?(?:final )?answer is\s*(-?\d+)", re.IGNORECASE)
 
 
 def parse_conclusion(critique: str) -> str | None:
-    """"right"/"wrong" from the last "Conclusion: ..." in `critique`, or None if there is none."""
-    return grading.parse_verdict(critique)
+  """ "right"/"wrong" from the last "Conclusion: ..." in `critique`, or None if there is none."""
+  return grading.parse_verdict(critique)
 
 
 def extract_final_answer(text: str) -> str | None:
-    """The integer in the last "The answer is N" / "The correct final answer is N", or None."""
-    matches = _FINAL_ANSWER_RE.findall(text)
-    return matches[-1] if matches else None
+  """The integer in the last "The answer is N" / "The correct final answer is N", or None."""
+  matches = _FINAL_ANSWER_RE.findall(text)
+  return matches[-1] if matches else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,58 +487,59 @@ def extract_final_answer(text: str) -> str | None:
 
 
 def _split_problems(config: DemoConfig, splits: Sequence[str]) -> dict[str, list[Problem]]:
-    """Unique problems for each of `splits`, drawn from one stream shared by all splits.
+  """Unique problems for each of `splits`, drawn from one stream shared by all splits.
 
-    A problem goes to the split its hash bucket names, so the first n problems of a split
-    are the same whatever the sizes of the other splits.
-    """
-    wanted = {split: config.split_size(split) for split in splits}
-    problems: dict[str, list[Problem]] = {split: [] for split in splits}
-    rng = random.Random(f"cftjax-demo:{config.seed}:problems")  # str seeds are hashed stably
-    max_draws = 1000 + 100 * sum(wanted.values())
-    missing = sum(wanted.values())
-    seen: set[str] = set()
-    for _ in range(max_draws):
-        if missing == 0:
-            return problems
-        problem = _sample_problem(rng, config)
-        key = problem.canonical()
-        split = _split_of(key)
-        if split not in problems or len(problems[split]) >= wanted[split] or key in seen:
-            continue
-        seen.add(key)
-        problems[split].append(problem)
-        missing -= 1
+  A problem goes to the split its hash bucket names, so the first n problems of a split
+  are the same whatever the sizes of the other splits.
+  """
+  wanted = {split: config.split_size(split) for split in splits}
+  problems: dict[str, list[Problem]] = {split: [] for split in splits}
+  rng = random.Random(f"cftjax-demo:{config.seed}:problems")  # str seeds are hashed stably
+  max_draws = 1000 + 100 * sum(wanted.values())
+  missing = sum(wanted.values())
+  seen: set[str] = set()
+  for _ in range(max_draws):
     if missing == 0:
-        return problems
-    counts = ", ".join(f"{split} {len(problems[split])}/{wanted[split]}" for split in splits)
-    raise ValueError(
-        f"demo data: found too few unique problems in {max_draws} draws ({counts}) with "
-        f"min_steps={config.min_steps}, max_steps={config.max_steps}; ask for fewer"
-    )
+      return problems
+    problem = _sample_problem(rng, config)
+    key = problem.canonical()
+    split = _split_of(key)
+    if split not in problems or len(problems[split]) >= wanted[split] or key in seen:
+      continue
+    seen.add(key)
+    problems[split].append(problem)
+    missing -= 1
+  if missing == 0:
+    return problems
+  counts = ", ".join(f"{split} {len(problems[split])}/{wanted[split]}" for split in splits)
+  raise ValueError(
+      f"demo data: found too few unique problems in {max_draws} draws ({counts}) with "
+      f"min_steps={config.min_steps}, max_steps={config.max_steps}; ask for fewer"
+  )
 
 
 def _split_records(config: DemoConfig, split: str, problems: Sequence[Problem]) -> list[dict[str, str]]:
-    noise_rng = random.Random(f"cftjax-demo:{config.seed}:{split}:noise")
-    critique_rng = random.Random(f"cftjax-demo:{config.seed}:{split}:critiques")
-    num_flawed = round(config.flawed_critique_fraction * len(problems))
-    order = list(range(len(problems)))
-    critique_rng.shuffle(order)
-    flawed = set(order[:num_flawed])
-    records = []
-    for index, problem in enumerate(problems):
-        steps: Sequence[Step] = problem.solution
-        is_right = noise_rng.random() >= config.error_fraction
-        if not is_right:
-            noisy = _inject_error(noise_rng, problem, config)
-            if noisy is None:  # never seen in 100k problems; fail loudly rather than skew labels
-                raise RuntimeError(f"demo data: could not inject an error into {problem.canonical()!r}")
-            steps = noisy[0]  # its final answer differs from the true one, so the label is "wrong"
-        is_flawed = index in flawed
-        critique = (
-            flawed_critique_text(critique_rng, problem, steps, config) if is_flawed else critique_text(problem, steps)
-        )
-        records.append({
+  noise_rng = random.Random(f"cftjax-demo:{config.seed}:{split}:noise")
+  critique_rng = random.Random(f"cftjax-demo:{config.seed}:{split}:critiques")
+  num_flawed = round(config.flawed_critique_fraction * len(problems))
+  order = list(range(len(problems)))
+  critique_rng.shuffle(order)
+  flawed = set(order[:num_flawed])
+  records = []
+  for index, problem in enumerate(problems):
+    steps: Sequence[Step] = problem.solution
+    is_right = noise_rng.random() >= config.error_fraction
+    if not is_right:
+      noisy = _inject_error(noise_rng, problem, config)
+      if noisy is None:  # never seen in 100k problems; fail loudly rather than skew labels
+        raise RuntimeError(f"demo data: could not inject an error into {problem.canonical()!r}")
+      steps = noisy[0]  # its final answer differs from the true one, so the label is "wrong"
+    is_flawed = index in flawed
+    critique = (
+        flawed_critique_text(critique_rng, problem, steps, config) if is_flawed else critique_text(problem, steps)
+    )
+    records.append(
+        {
             "objective": "cft",
             "query": query_text(problem),
             "response": response_text(steps),
@@ -542,35 +549,35 @@ def _split_records(config: DemoConfig, split: str, problems: Sequence[Problem]) 
             "answer": str(problem.answer),
             "label": "right" if is_right else "wrong",
             "critique_flawed": "1" if is_flawed else "0",
-        })
-    return records
+        }
+    )
+  return records
 
 
 def generate_splits(config: DemoConfig, splits: Sequence[str] = SPLITS) -> dict[str, list[dict[str, str]]]:
-    """CFT records (canonical schema plus "critique_flawed": "1"/"0") of several splits at once."""
-    for split in splits:
-        _check_split(split)
-    problems = _split_problems(config, splits)
-    return {split: _split_records(config, split, problems[split]) for split in splits}
+  """CFT records (canonical schema plus "critique_flawed": "1"/"0") of several splits at once."""
+  for split in splits:
+    _check_split(split)
+  problems = _split_problems(config, splits)
+  return {split: _split_records(config, split, problems[split]) for split in splits}
 
 
 def generate_split(config: DemoConfig, split: str) -> list[dict[str, str]]:
-    """CFT records of one split; the same records `generate_splits` gives for it."""
-    return generate_splits(config, (split,))[split]
+  """CFT records of one split; the same records `generate_splits` gives for it."""
+  return generate_splits(config, (split,))[split]
 
 
 def sft_records(cft_records: Iterable[Mapping[str, str]]) -> list[dict[str, str]]:
-    """SFT records (target = correct step-by-step solution) for the problems of CFT records."""
-    records = []
-    for index, cft in enumerate(cft_records):
-        if cft.get("objective") != "cft":
-            raise ValueError(f"sft_records: record {index} has objective {cft.get('objective')!r}, expected 'cft'")
-        problem = parse_query(cft["query"])
-        if cft.get("answer") not in ("", str(problem.answer)):
-            raise ValueError(
-                f"sft_records: record {index} has answer {cft['answer']!r} but its query gives {problem.answer}"
-            )
-        records.append({
+  """SFT records (target = correct step-by-step solution) for the problems of CFT records."""
+  records = []
+  for index, cft in enumerate(cft_records):
+    if cft.get("objective") != "cft":
+      raise ValueError(f"sft_records: record {index} has objective {cft.get('objective')!r}, expected 'cft'")
+    problem = parse_query(cft["query"])
+    if cft.get("answer") not in ("", str(problem.answer)):
+      raise ValueError(f"sft_records: record {index} has answer {cft['answer']!r} but its query gives {problem.answer}")
+    records.append(
+        {
             "objective": "sft",
             "query": cft["query"],
             "response": response_text(problem.solution),
@@ -580,29 +587,31 @@ def sft_records(cft_records: Iterable[Mapping[str, str]]) -> list[dict[str, str]
             "answer": str(problem.answer),
             "label": "",
             "critique_flawed": "",
-        })
-    return records
+        }
+    )
+  return records
 
 
 def drill_records(config: DemoConfig, split: str) -> list[dict[str, str]]:
-    """Arithmetic practice, the demo's stand-in for a pretrained base's arithmetic.
+  """Arithmetic practice, the demo's stand-in for a pretrained base's arithmetic.
 
-    Each SFT record asks for `drill_lines` single operations drawn like a problem's steps
-    ("43 - 9 = 34"), one per line. They teach the arithmetic a critique must redo to catch a
-    wrong step: the critique data alone carries that signal only on the ~20% of checked steps
-    that are wrong (everywhere else copying the response is right). The records hold
-    equations, not problems, so the problem splits stay disjoint.
-    """
-    _check_split(split)
-    rng = random.Random(f"cftjax-demo:{config.seed}:{split}:drill")
-    records = []
-    for _ in range(config.split_size(split)):
-        lines = []
-        for _ in range(config.drill_lines):
-            left = _uniform_int(rng, max(2, config.min_value), config.max_value - 1)
-            op, operand = _sample_operation(rng, left, config)
-            lines.append(Step(left, op, operand, _apply(op, left, operand)).equation())
-        records.append({
+  Each SFT record asks for `drill_lines` single operations drawn like a problem's steps
+  ("43 - 9 = 34"), one per line. They teach the arithmetic a critique must redo to catch a
+  wrong step: the critique data alone carries that signal only on the ~20% of checked steps
+  that are wrong (everywhere else copying the response is right). The records hold
+  equations, not problems, so the problem splits stay disjoint.
+  """
+  _check_split(split)
+  rng = random.Random(f"cftjax-demo:{config.seed}:{split}:drill")
+  records = []
+  for _ in range(config.split_size(split)):
+    lines = []
+    for _ in range(config.drill_lines):
+      left = _uniform_int(rng, max(2, config.min_value), config.max_value - 1)
+      op, operand = _sample_operation(rng, left, config)
+      lines.append(Step(left, op, operand, _apply(op, left, operand)).equation())
+    records.append(
+        {
             "objective": "sft",
             "query": DRILL_QUERY,
             "response": "\n".join(lines),
@@ -612,23 +621,24 @@ def drill_records(config: DemoConfig, split: str) -> list[dict[str, str]]:
             "answer": "",
             "label": "",
             "critique_flawed": "",
-        })
-    return records
+        }
+    )
+  return records
 
 
 def demo_corpus_text(records: Iterable[Mapping[str, str]]) -> Iterator[str]:
-    """Texts to train the demo tokenizer on: what the model will read and write.
+  """Texts to train the demo tokenizer on: what the model will read and write.
 
-    CFT records are laid out as in the CFT paper's prompt so its fixed words merge into few
-    tokens; this only affects sequence length, never correctness (byte fallback covers all).
-    """
-    for record in records:
-        if record["objective"] == "cft":
-            yield objectives.cft_user_text(record["query"], record["response"])
-            yield objectives.cft_target_text(record["critique"])
-        else:
-            yield record["query"]
-            yield record["response"]
+  CFT records are laid out as in the CFT paper's prompt so its fixed words merge into few
+  tokens; this only affects sequence length, never correctness (byte fallback covers all).
+  """
+  for record in records:
+    if record["objective"] == "cft":
+      yield objectives.cft_user_text(record["query"], record["response"])
+      yield objectives.cft_target_text(record["critique"])
+    else:
+      yield record["query"]
+      yield record["response"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -636,79 +646,79 @@ def demo_corpus_text(records: Iterable[Mapping[str, str]]) -> Iterator[str]:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False
-    ) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
+  with tempfile.NamedTemporaryFile(
+      "w", encoding="utf-8", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False
+  ) as tmp:
+    tmp.write(text)
+  os.replace(tmp.name, path)
 
 
 def write_jsonl(path: Path, records: Iterable[Mapping[str, str]]) -> None:
-    _write_atomically(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+  _write_atomically(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def read_jsonl(path: Path) -> list[dict[str, str]]:
-    rows = []
-    for _, row in records_lib.iter_jsonl_rows(path):
-        if isinstance(row, records_lib.InvalidRow):
-            raise row
-        rows.append(row)
-    return rows
+  rows = []
+  for _, row in records_lib.iter_jsonl_rows(path):
+    if isinstance(row, records_lib.InvalidRow):
+      raise row
+    rows.append(row)
+  return rows
 
 
 def config_json(config: DemoConfig) -> dict:
-    """The config as it reads back from JSON (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(config)))
+  """The config as it reads back from JSON (tuples become lists)."""
+  return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
 def _cache_key(config: DemoConfig) -> str:
-    identity = {"format_version": DATA_FORMAT_VERSION, "config": dataclasses.asdict(config)}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+  identity = {"format_version": DATA_FORMAT_VERSION, "config": dataclasses.asdict(config)}
+  return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def prepare_demo_data(data_dir: str | os.PathLike[str], config: DemoConfig) -> DemoData:
-    """Generate the demo splits and train the demo tokenizer once; reuse them afterwards.
+  """Generate the demo splits and train the demo tokenizer once; reuse them afterwards.
 
-    Files go to `data_dir/demo-<hash of config>/`: `{split}.cft.jsonl`, `{split}.sft.jsonl`,
-    `{split}.drill.jsonl`, `tokenizer.model` and, written last, `manifest.json`. A directory with a manifest and all
-    its files is complete and is reused; a different config gets its own directory. Every file is
-    written atomically, so concurrent hosts building the same config cannot leave a torn file.
-    """
-    if config.num_train == 0:
-        raise ValueError("prepare_demo_data: num_train is 0, nothing to train the demo tokenizer on")
-    key = _cache_key(config)
-    directory = Path(data_dir) / f"demo-{key}"
-    data = DemoData(
-        directory=directory,
-        config=config,
-        tokenizer_path=directory / "tokenizer.model",
-        cft_paths={split: directory / f"{split}.cft.jsonl" for split in SPLITS},
-        sft_paths={split: directory / f"{split}.sft.jsonl" for split in SPLITS},
-        drill_paths={split: directory / f"{split}.drill.jsonl" for split in SPLITS},
-        built=False,
-    )
-    manifest_path = directory / "manifest.json"
-    files = [data.tokenizer_path, *data.cft_paths.values(), *data.sft_paths.values(), *data.drill_paths.values()]
-    if manifest_path.is_file() and all(path.is_file() for path in files):
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if manifest.get("config") == config_json(config):
-            return data
-        raise ValueError(f"{manifest_path} was written for another config (cache key {key} collides)")
-    directory.mkdir(parents=True, exist_ok=True)
-    train_text: list[str] = []
-    for split, cft in generate_splits(config).items():
-        sft = sft_records(cft)
-        drill = drill_records(config, split)
-        write_jsonl(data.cft_paths[split], cft)
-        write_jsonl(data.sft_paths[split], sft)
-        write_jsonl(data.drill_paths[split], drill)
-        if split == "train":
-            train_text = list(demo_corpus_text(cft + sft + drill))
-    train_sentencepiece(train_text, directory / "tokenizer", config.vocab_size)
-    manifest = {
-        "format_version": DATA_FORMAT_VERSION,
-        "config": config_json(config),
-        "files": sorted(path.name for path in files),
-    }
-    _write_atomically(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return dataclasses.replace(data, built=True)
+  Files go to `data_dir/demo-<hash of config>/`: `{split}.cft.jsonl`, `{split}.sft.jsonl`,
+  `{split}.drill.jsonl`, `tokenizer.model` and, written last, `manifest.json`. A directory with a manifest and all
+  its files is complete and is reused; a different config gets its own directory. Every file is
+  written atomically, so concurrent hosts building the same config cannot leave a torn file.
+  """
+  if config.num_train == 0:
+    raise ValueError("prepare_demo_data: num_train is 0, nothing to train the demo tokenizer on")
+  key = _cache_key(config)
+  directory = Path(data_dir) / f"demo-{key}"
+  data = DemoData(
+      directory=directory,
+      config=config,
+      tokenizer_path=directory / "tokenizer.model",
+      cft_paths={split: directory / f"{split}.cft.jsonl" for split in SPLITS},
+      sft_paths={split: directory / f"{split}.sft.jsonl" for split in SPLITS},
+      drill_paths={split: directory / f"{split}.drill.jsonl" for split in SPLITS},
+      built=False,
+  )
+  manifest_path = directory / "manifest.json"
+  files = [data.tokenizer_path, *data.cft_paths.values(), *data.sft_paths.values(), *data.drill_paths.values()]
+  if manifest_path.is_file() and all(path.is_file() for path in files):
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if manifest.get("config") == config_json(config):
+      return data
+    raise ValueError(f"{manifest_path} was written for another config (cache key {key} collides)")
+  directory.mkdir(parents=True, exist_ok=True)
+  train_text: list[str] = []
+  for split, cft in generate_splits(config).items():
+    sft = sft_records(cft)
+    drill = drill_records(config, split)
+    write_jsonl(data.cft_paths[split], cft)
+    write_jsonl(data.sft_paths[split], sft)
+    write_jsonl(data.drill_paths[split], drill)
+    if split == "train":
+      train_text = list(demo_corpus_text(cft + sft + drill))
+  train_sentencepiece(train_text, directory / "tokenizer", config.vocab_size)
+  manifest = {
+      "format_version": DATA_FORMAT_VERSION,
+      "config": config_json(config),
+      "files": sorted(path.name for path in files),
+  }
+  _write_atomically(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+  return dataclasses.replace(data, built=True)

@@ -81,16 +81,20 @@ class WindowPackIterDataset(grain.IterDataset):
   before packing.
   """
 
-  def __init__(self, parent: grain.IterDataset, *, max_length: int, window: int, seed: int,
-               length_key: str = "inputs"):
+  def __init__(self, parent: grain.IterDataset, *, max_length: int, window: int, seed: int, length_key: str = "inputs"):
     super().__init__(parent)
     if window < 1:
       raise ValueError(f"config key data.packing_window={window} must be >= 1")
     self._max_length, self._window, self._seed, self._length_key = max_length, window, seed, length_key
 
   def __iter__(self) -> "WindowPackIterator":
-    return WindowPackIterator(self._parent.__iter__(), max_length=self._max_length, window=self._window,
-                              seed=self._seed, length_key=self._length_key)
+    return WindowPackIterator(
+        self._parent.__iter__(),
+        max_length=self._max_length,
+        window=self._window,
+        seed=self._seed,
+        length_key=self._length_key,
+    )
 
   def __str__(self) -> str:
     return f"WindowPackIterDataset(max_length={self._max_length}, window={self._window})"
@@ -163,8 +167,10 @@ class WindowPackIterator(grain.DatasetIterator):
     for i, (ex, length) in enumerate(zip(examples, lengths)):
       if length > self._max_length or any(len(v) > length for v in ex.values()):
         shapes = {k: v.shape for k, v in ex.items()}
-        raise ValueError(f"example {i} of packing window {self._window_index} does not fit a row of "
-                         f"{self._max_length} tokens (feature shapes {shapes}); truncate before packing")
+        raise ValueError(
+            f"example {i} of packing window {self._window_index} does not fit a row of "
+            f"{self._max_length} tokens (feature shapes {shapes}); truncate before packing"
+        )
     rows = best_fit_decreasing(lengths, self._max_length)
     order = np.random.default_rng([self._seed, self._window_index]).permutation(len(rows))
     self._examples, self._rows = examples, [rows[i] for i in order]

@@ -41,7 +41,7 @@ def truncate(ids: list[int], mask: list[int], max_tokens: int, policy: str) -> t
     room = max_tokens - len(target)
     if room >= 1:
       # Keep the most recent prompt tokens: the question sits at the end of the prompt.
-      return prompt[len(prompt) - room:] + target, [0] * room + mask[first_target:], PROMPT_CUT
+      return prompt[len(prompt) - room :] + target, [0] * room + mask[first_target:], PROMPT_CUT
     # The target alone is too long: keep one prompt token and cut the target's tail.
     return (prompt[-1:] + target)[:max_tokens], ([0] + mask[first_target:])[:max_tokens], TARGET_CUT
   if policy == "truncate_target":
@@ -98,8 +98,13 @@ class _Tag:
 
 
 def record_dataset(
-    sources: Sequence[sources_lib.Source], *, seed: int, num_epochs: int | None, shuffle: bool,
-    process_index: int, process_count: int,
+    sources: Sequence[sources_lib.Source],
+    *,
+    seed: int,
+    num_epochs: int | None,
+    shuffle: bool,
+    process_index: int,
+    process_count: int,
 ) -> grain.MapDataset:
   """Per-process, shuffled, repeated, mixed (source_id, record) dataset."""
   parts = []
@@ -117,8 +122,9 @@ def record_dataset(
   return grain.MapDataset.mix(parts, weights=[s.weight for s in sources])
 
 
-def pack_and_batch(ds: grain.IterDataset, *, max_length: int, rows: int, packing: bool, window: int,
-                   seed: int) -> grain.IterDataset:
+def pack_and_batch(
+    ds: grain.IterDataset, *, max_length: int, rows: int, packing: bool, window: int, seed: int
+) -> grain.IterDataset:
   if packing:
     # A row's `stats` holds one outcome code per example it packs, from the row's start.
     ds = packing_lib.WindowPackIterDataset(ds, max_length=max_length, window=window, seed=seed)
@@ -144,8 +150,14 @@ class _PadToLength:
 
 
 def make_dataset(
-    data_config: Any, sources: Sequence[sources_lib.Source], tokenizer_path: str, *, rows: int,
-    train: bool, process_index: int = 0, process_count: int = 1,
+    data_config: Any,
+    sources: Sequence[sources_lib.Source],
+    tokenizer_path: str,
+    *,
+    rows: int,
+    train: bool,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> grain.IterDataset:
   """The full pipeline for one process; `rows` = this process's rows per batch."""
   if data_config.truncation not in TRUNCATION_POLICIES:
@@ -154,13 +166,23 @@ def make_dataset(
     if data_config[key] < 0:
       raise ValueError(f"config key data.{key}={data_config[key]} must be >= 0")
   ds = record_dataset(
-      sources, seed=data_config.shuffle_seed, num_epochs=data_config.num_epochs if train else 1,
-      shuffle=train, process_index=process_index, process_count=process_count,
+      sources,
+      seed=data_config.shuffle_seed,
+      num_epochs=data_config.num_epochs if train else 1,
+      shuffle=train,
+      process_index=process_index,
+      process_count=process_count,
   )
-  encode = EncodeExample(tokenizer_path, data_config.chat_template, data_config.max_length, data_config.truncation,
-                         data_config.get("system_prompt") or None)
+  encode = EncodeExample(
+      tokenizer_path,
+      data_config.chat_template,
+      data_config.max_length,
+      data_config.truncation,
+      data_config.get("system_prompt") or None,
+  )
   ds = ds.map(encode).to_iter_dataset(
-      grain.ReadOptions(num_threads=data_config.read_threads, prefetch_buffer_size=data_config.read_buffer_size))
+      grain.ReadOptions(num_threads=data_config.read_threads, prefetch_buffer_size=data_config.read_buffer_size)
+  )
   if train and data_config.worker_count > 0:
     # Workers tokenize; packing stays in the main process (pack after mp_prefetch).
     _mark_absl_flags_parsed()
@@ -173,8 +195,14 @@ def make_dataset(
         ),
         worker_init_fn=_leave_signals_to_the_main_process,
     )
-  return pack_and_batch(ds, max_length=data_config.max_length, rows=rows, packing=data_config.packing,
-                        window=data_config.packing_window, seed=data_config.shuffle_seed)
+  return pack_and_batch(
+      ds,
+      max_length=data_config.max_length,
+      rows=rows,
+      packing=data_config.packing,
+      window=data_config.packing_window,
+      seed=data_config.shuffle_seed,
+  )
 
 
 def _leave_signals_to_the_main_process(worker_index: int, worker_count: int) -> None:
@@ -222,4 +250,3 @@ def batch_stats(batch: dict[str, np.ndarray]) -> dict[str, float]:
   out["examples"] = float(np.sum(stats > 0))
   out["nonpad_fraction"] = float(np.mean(batch["inputs_segment_ids"] > 0))
   return out
-

@@ -52,11 +52,21 @@ def demo_config(data_config: Any):
 
   d = data_config.demo
   return demo_task.DemoConfig(
-      seed=d.seed, num_train=d.num_train, num_validation=d.num_validation, num_test=d.num_test,
-      min_steps=d.min_steps, max_steps=d.max_steps, error_fraction=d.error_fraction,
-      flawed_critique_fraction=d.flawed_critique_fraction, vocab_size=d.vocab_size,
-      min_value=d.min_value, max_value=d.max_value, max_start=d.max_start, max_add_operand=d.max_add_operand,
-      max_multiplier=d.max_multiplier, error_kinds=_names(d.error_kinds, "data.demo.error_kinds"),
+      seed=d.seed,
+      num_train=d.num_train,
+      num_validation=d.num_validation,
+      num_test=d.num_test,
+      min_steps=d.min_steps,
+      max_steps=d.max_steps,
+      error_fraction=d.error_fraction,
+      flawed_critique_fraction=d.flawed_critique_fraction,
+      vocab_size=d.vocab_size,
+      min_value=d.min_value,
+      max_value=d.max_value,
+      max_start=d.max_start,
+      max_add_operand=d.max_add_operand,
+      max_multiplier=d.max_multiplier,
+      error_kinds=_names(d.error_kinds, "data.demo.error_kinds"),
       arithmetic_slips=tuple(int(x) for x in _names(d.arithmetic_slips, "data.demo.arithmetic_slips")),
       drill_lines=d.drill_lines,
   )
@@ -81,8 +91,9 @@ def prepare(data_config: Any):
   raise ValueError(f"config key data.source={data_config.source!r} is not 'demo' or 'tfds'")
 
 
-def tokenizer_path(data_config: Any, prepared=None, checkpoint_dir: str | Path | None = None,
-                   build_demo: bool = True) -> str:
+def tokenizer_path(
+    data_config: Any, prepared=None, checkpoint_dir: str | Path | None = None, build_demo: bool = True
+) -> str:
   """The one place a run's tokenizer is found (training, evaluation, export): data.tokenizer;
   else, for a checkpoint, its own tokenizer/ directory (or its workdir's); else the demo's,
   built if `prepared` is not given and `build_demo`. Load it with tokenizer.load_tokenizer."""
@@ -112,9 +123,7 @@ def load_sources(data_config: Any, split: str, prepared=None) -> list[Source]:
   for entry in entries:
     if data_config.source == "demo":
       if entry.name not in DEMO_SOURCES:
-        raise ValueError(
-            f"config key data.mixture: {entry.name!r} is not a demo source {DEMO_SOURCES}"
-        )
+        raise ValueError(f"config key data.mixture: {entry.name!r} is not a demo source {DEMO_SOURCES}")
       prepared = prepared or prepare(data_config)
       records = prepared.records(split, entry.name.split("_")[1])
     else:

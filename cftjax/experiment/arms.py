@@ -35,7 +35,7 @@ class ArmSpec:
 
 
 def parse_arms(spec: str) -> list[ArmSpec]:
-  """"sft,cft:0,cft:0.2,mix:0.2" -> ArmSpecs; a CFT or mix arm names its flawed fraction."""
+  """ "sft,cft:0,cft:0.2,mix:0.2" -> ArmSpecs; a CFT or mix arm names its flawed fraction."""
   arms = []
   for part in (p.strip() for p in spec.split(",")):
     if not part:
@@ -87,8 +87,9 @@ def _stage_common(recipe: ml_collections.ConfigDict, tokenizer_path: str, num_st
   return config
 
 
-def base_config(recipe: ml_collections.ConfigDict, tokenizer_path: str, base_data_dir: str | Path,
-                dataset_name: str, num_steps: int) -> ml_collections.ConfigDict:
+def base_config(
+    recipe: ml_collections.ConfigDict, tokenizer_path: str, base_data_dir: str | Path, dataset_name: str, num_steps: int
+) -> ml_collections.ConfigDict:
   """The base stage: the recipe trained on the base pool's SFT records (a tfds dataset)."""
   config = _stage_common(recipe, tokenizer_path, num_steps)
   config.name = "experiment-base"
@@ -98,8 +99,14 @@ def base_config(recipe: ml_collections.ConfigDict, tokenizer_path: str, base_dat
   return config
 
 
-def arm_config(recipe: ml_collections.ConfigDict, arm: ArmSpec, seed: int, base_checkpoint: str | Path,
-               tokenizer_path: str, num_steps: int) -> ml_collections.ConfigDict:
+def arm_config(
+    recipe: ml_collections.ConfigDict,
+    arm: ArmSpec,
+    seed: int,
+    base_checkpoint: str | Path,
+    tokenizer_path: str,
+    num_steps: int,
+) -> ml_collections.ConfigDict:
   """One arm's training config: the recipe from the base checkpoint; data, objective and
   seed are the arm's own, everything else is shared."""
   config = _stage_common(recipe, tokenizer_path, num_steps)

@@ -21,24 +21,31 @@ DATASET_NAME = "experiment_base"
 VALIDATION_FRACTION = 0.02
 
 
-def base_pool_config(demo_config: demo_task.DemoConfig, num_problems: int, error_fraction: float) -> demo_task.DemoConfig:
+def base_pool_config(
+    demo_config: demo_task.DemoConfig, num_problems: int, error_fraction: float
+) -> demo_task.DemoConfig:
   """A demo config whose train split is the arms' problems followed by `num_problems` more."""
   if num_problems < 2:
     raise ValueError(f"config key base.num_problems={num_problems} must be >= 2 (train and validation rows)")
-  return dataclasses.replace(demo_config, num_train=demo_config.num_train + num_problems, num_validation=0,
-                             num_test=0, error_fraction=float(error_fraction))
+  return dataclasses.replace(
+      demo_config,
+      num_train=demo_config.num_train + num_problems,
+      num_validation=0,
+      num_test=0,
+      error_fraction=float(error_fraction),
+  )
 
 
 def base_records(demo_config: demo_task.DemoConfig, num_problems: int, error_fraction: float) -> list[dict]:
   """SFT rows {"query", "response"}: noisy responses to the base pool's problems."""
   pool = base_pool_config(demo_config, num_problems, error_fraction)
   train = demo_task.generate_split(pool, "train")
-  return [{"query": r["query"], "response": r["response"], "label": r["label"]}
-          for r in train[demo_config.num_train:]]
+  return [{"query": r["query"], "response": r["response"], "label": r["label"]} for r in train[demo_config.num_train :]]
 
 
-def prepare_base_dataset(directory: str | Path, demo_config: demo_task.DemoConfig, num_problems: int,
-                         error_fraction: float) -> bool:
+def prepare_base_dataset(
+    directory: str | Path, demo_config: demo_task.DemoConfig, num_problems: int, error_fraction: float
+) -> bool:
   """Writes the base pool as a tfds dataset `DATASET_NAME` under `directory` (the base
   stage's data_dir) once; returns whether it built it.
 
@@ -46,20 +53,31 @@ def prepare_base_dataset(directory: str | Path, demo_config: demo_task.DemoConfi
   settings is rebuilt.
   """
   directory = Path(directory)
-  settings = {"demo": demo_task.config_json(demo_config), "num_problems": int(num_problems),
-              "error_fraction": float(error_fraction)}
+  settings = {
+      "demo": demo_task.config_json(demo_config),
+      "num_problems": int(num_problems),
+      "error_fraction": float(error_fraction),
+  }
   settings_path = directory / "settings.json"
   info = tfds_builder.dataset_dir_of(DATASET_NAME, directory) / "dataset_info.json"
   if info.is_file() and settings_path.is_file() and json.loads(settings_path.read_text()) == settings:
     return False
   directory.mkdir(parents=True, exist_ok=True)
-  rows = [{"query": r["query"], "response": r["response"]} for r in base_records(demo_config, num_problems, error_fraction)]
+  rows = [
+      {"query": r["query"], "response": r["response"]} for r in base_records(demo_config, num_problems, error_fraction)
+  ]
   # The pool's last rows are its validation split: never empty, so validation loss works.
   num_validation = max(1, round(VALIDATION_FRACTION * len(rows)))
   train_path, validation_path = directory / "base_sft.train.jsonl", directory / "base_sft.validation.jsonl"
   demo_task.write_jsonl(train_path, rows[:-num_validation])
   demo_task.write_jsonl(validation_path, rows[-num_validation:])
-  tfds_builder.build_dataset([train_path], format="sft", name=DATASET_NAME, data_dir=directory,
-                             validation_inputs=[validation_path], overwrite=True)
+  tfds_builder.build_dataset(
+      [train_path],
+      format="sft",
+      name=DATASET_NAME,
+      data_dir=directory,
+      validation_inputs=[validation_path],
+      overwrite=True,
+  )
   files.write_json_atomically(settings_path, settings)
   return True

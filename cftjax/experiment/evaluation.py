@@ -16,13 +16,25 @@ GenerateTexts = Callable[[list, int], list[str]]
 
 def self_critique_examples(answer_rows: Sequence[dict]) -> list[dict]:
   """Critique examples of the model's own answers, labelled by how they were graded."""
-  return [{"id": row["id"], "question": row["question"], "response": row["output"],
-           "label": "right" if row["correct"] else "wrong"} for row in answer_rows]
+  return [
+      {
+          "id": row["id"],
+          "question": row["question"],
+          "response": row["output"],
+          "label": "right" if row["correct"] else "wrong",
+      }
+      for row in answer_rows
+  ]
 
 
-def evaluate_model(records: Sequence[dict], answer_prompt: Callable[[str], object],
-                   critique_prompt: Callable[[str, str], object], generate_texts: GenerateTexts,
-                   answer_max_new_tokens: int, critique_max_new_tokens: int) -> tuple[dict[str, list[dict]], dict]:
+def evaluate_model(
+    records: Sequence[dict],
+    answer_prompt: Callable[[str], object],
+    critique_prompt: Callable[[str, str], object],
+    generate_texts: GenerateTexts,
+    answer_max_new_tokens: int,
+    critique_max_new_tokens: int,
+) -> tuple[dict[str, list[dict]], dict]:
   """(rows by part, summary) for demo test CFT `records` (query, response, label, answer).
 
   summary: {"answer": {accuracy, n, correct}, "critique": critique_scores of the verdicts
@@ -35,10 +47,10 @@ def evaluate_model(records: Sequence[dict], answer_prompt: Callable[[str], objec
   answer_out = generate_texts([answer_prompt(r["query"]) for r in records], answer_max_new_tokens)
   answers, answer_summary = evaluate.answer_rows(answer_examples, answer_out)
 
-  critique_examples = [{"id": i, "question": r["query"], "response": r["response"], "label": r["label"]}
-                       for i, r in enumerate(records)]
-  critique_out = generate_texts([critique_prompt(r["query"], r["response"]) for r in records],
-                                critique_max_new_tokens)
+  critique_examples = [
+      {"id": i, "question": r["query"], "response": r["response"], "label": r["label"]} for i, r in enumerate(records)
+  ]
+  critique_out = generate_texts([critique_prompt(r["query"], r["response"]) for r in records], critique_max_new_tokens)
   critiques, critique_summary = evaluate.critique_rows(critique_examples, critique_out)
 
   own = self_critique_examples(answers)
@@ -53,15 +65,30 @@ def model_generator(loaded: evaluate.LoadedModel, batch_size: int, progress: boo
 
   def generate_texts(prompts: list, max_new_tokens: int) -> list[str]:
     sampling = evaluate.sampling_for(loaded, max_new_tokens)
-    ids = generate.generate(loaded.model, loaded.params, prompts, sampling, batch_size=batch_size,
-                            mesh=loaded.mesh, progress=progress, decode=loaded.tokenizer.decode)
+    ids = generate.generate(
+        loaded.model,
+        loaded.params,
+        prompts,
+        sampling,
+        batch_size=batch_size,
+        mesh=loaded.mesh,
+        progress=progress,
+        decode=loaded.tokenizer.decode,
+    )
     return [loaded.tokenizer.decode(x) for x in ids]
 
   return generate_texts
 
 
-def evaluate_checkpoint(checkpoint_dir, records: Sequence[dict], answer_max_new_tokens: int,
-                        critique_max_new_tokens: int, batch_size: int, progress: bool, devices=None):
+def evaluate_checkpoint(
+    checkpoint_dir,
+    records: Sequence[dict],
+    answer_max_new_tokens: int,
+    critique_max_new_tokens: int,
+    batch_size: int,
+    progress: bool,
+    devices=None,
+):
   """evaluate_model for the newest checkpoint in a training workdir."""
   loaded = evaluate.load(checkpoint_dir, devices=devices)
   return evaluate_model(
@@ -69,5 +96,6 @@ def evaluate_checkpoint(checkpoint_dir, records: Sequence[dict], answer_max_new_
       answer_prompt=lambda query: evaluate.answer_prompt(query, loaded),
       critique_prompt=lambda query, response: evaluate.critique_prompt(query, response, loaded),
       generate_texts=model_generator(loaded, batch_size, progress),
-      answer_max_new_tokens=answer_max_new_tokens, critique_max_new_tokens=critique_max_new_tokens,
+      answer_max_new_tokens=answer_max_new_tokens,
+      critique_max_new_tokens=critique_max_new_tokens,
   )

@@ -9,8 +9,9 @@ from pathlib import Path
 def write_text_atomically(path: str | Path, text: str) -> None:
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=path.name, suffix=".tmp",
-                                   delete=False) as tmp:
+  with tempfile.NamedTemporaryFile(
+      "w", encoding="utf-8", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False
+  ) as tmp:
     tmp.write(text)
   os.replace(tmp.name, path)
 

@@ -38,14 +38,24 @@ def aggregate_arm(name: str, stage_results: Sequence[dict]) -> dict:
     raise ValueError(f"aggregate_arm: arm {name!r} has no results")
   summaries = [r["summary"] for r in stage_results]
   answers = stats.pooled_counts((s["answer"] for s in summaries), ("correct", "n"))
-  row = {"arm": name, "seeds": [r["seed"] for r in stage_results],
-         "answer_accuracy": stats.proportion(answers["correct"], answers["n"])}
+  row = {
+      "arm": name,
+      "seeds": [r["seed"] for r in stage_results],
+      "answer_accuracy": stats.proportion(answers["correct"], answers["n"]),
+  }
   row.update(_critique_metrics("critique", stats.pooled_counts((s["critique"] for s in summaries), CRITIQUE_COUNTS)))
-  row.update(_critique_metrics("self_critique",
-                               stats.pooled_counts((s["self_critique"] for s in summaries), CRITIQUE_COUNTS)))
-  row["per_seed"] = [{"seed": r["seed"], "answer_accuracy": r["summary"]["answer"]["accuracy"],
-                      "critique_accuracy": r["summary"]["critique"]["accuracy"],
-                      "self_critique_accuracy": r["summary"]["self_critique"]["accuracy"]} for r in stage_results]
+  row.update(
+      _critique_metrics("self_critique", stats.pooled_counts((s["self_critique"] for s in summaries), CRITIQUE_COUNTS))
+  )
+  row["per_seed"] = [
+      {
+          "seed": r["seed"],
+          "answer_accuracy": r["summary"]["answer"]["accuracy"],
+          "critique_accuracy": r["summary"]["critique"]["accuracy"],
+          "self_critique_accuracy": r["summary"]["self_critique"]["accuracy"],
+      }
+      for r in stage_results
+  ]
   row["train"] = [r["train"] for r in stage_results]
   return row
 
@@ -86,11 +96,18 @@ def markdown_table(rows: Sequence[dict], meta: dict) -> str:
     )
   multi = [row for row in rows if len(row["per_seed"]) > 1]
   if multi:
-    lines += ["", "Per seed (answer / critique / self-critique accuracy, seeds in the order listed):", "",
-              "| arm | answer acc | critique acc | self-critique acc |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "Per seed (answer / critique / self-critique accuracy, seeds in the order listed):",
+        "",
+        "| arm | answer acc | critique acc | self-critique acc |",
+        "|---|---|---|---|",
+    ]
     for row in multi:
-      lines.append(f"| {row['arm']} | {_per_seed(row, 'answer_accuracy')} | {_per_seed(row, 'critique_accuracy')} | "
-                   f"{_per_seed(row, 'self_critique_accuracy')} |")
+      lines.append(
+          f"| {row['arm']} | {_per_seed(row, 'answer_accuracy')} | {_per_seed(row, 'critique_accuracy')} | "
+          f"{_per_seed(row, 'self_critique_accuracy')} |"
+      )
   notes = [
       "",
       f"{meta['num_test']} held-out test problems per seed. Accuracies pool the counts of all seeds; the "
@@ -135,8 +152,15 @@ def plot_losses(path: str | Path, curves: dict[str, list[tuple[str, Path]]]) -> 
     color = f"C{index % 10}"
     for run_index, (label, metrics_path) in enumerate(runs):
       steps, losses = read_losses(metrics_path)
-      ax.plot(steps, losses, color=color, alpha=0.85, linewidth=1.2,
-              linestyle=("-", "--", ":", "-.")[run_index % 4], label=label)
+      ax.plot(
+          steps,
+          losses,
+          color=color,
+          alpha=0.85,
+          linewidth=1.2,
+          linestyle=("-", "--", ":", "-.")[run_index % 4],
+          label=label,
+      )
   ax.set_xlabel("step")
   ax.set_ylabel("training loss (token mean over its own targets)")
   ax.set_yscale("log")
@@ -156,7 +180,10 @@ def plot_accuracy(path: str | Path, rows: Sequence[dict]) -> Path:
   for m_index, (key, label) in enumerate(METRICS):
     xs = [a + (m_index - (len(METRICS) - 1) / 2) * width for a in range(len(rows))]
     values = [row[key]["value"] or 0.0 for row in rows]
-    errors = [[v - row[key]["low"] for v, row in zip(values, rows)], [row[key]["high"] - v for v, row in zip(values, rows)]]
+    errors = [
+        [v - row[key]["low"] for v, row in zip(values, rows)],
+        [row[key]["high"] - v for v, row in zip(values, rows)],
+    ]
     ax.bar(xs, values, width, yerr=errors, capsize=3, label=label, color=f"C{m_index}")
   ax.set_xticks(range(len(rows)), [row["arm"] for row in rows])
   ax.set_ylim(0, 1)

@@ -63,16 +63,27 @@ def make_plan(config: ml_collections.ConfigDict, workdir: str | Path) -> Plan:
   num_test = int(config.evaluation.num_test)
   test_records = prepared.records("test", "cft")
   if not 1 <= num_test <= len(test_records):
-    raise ValueError(f"config key evaluation.num_test={num_test} must be in [1, {len(test_records)}] "
-                     f"(recipe.data.demo.num_test)")
+    raise ValueError(
+        f"config key evaluation.num_test={num_test} must be in [1, {len(test_records)}] " f"(recipe.data.demo.num_test)"
+    )
   base_data_dir = workdir / "base_data"
-  base = TrainingRun("base", None, workdir / "base", arms_lib.base_config(
-      recipe, tokenizer, base_data_dir, base_data.DATASET_NAME, int(config.base.num_steps)))
+  base = TrainingRun(
+      "base",
+      None,
+      workdir / "base",
+      arms_lib.base_config(recipe, tokenizer, base_data_dir, base_data.DATASET_NAME, int(config.base.num_steps)),
+  )
   runs = []
   for arm in arms_lib.parse_arms(config.arms):
     for seed in arms_lib.parse_seeds(config.seeds):
-      runs.append(TrainingRun(arm.name, seed, workdir / "arms" / f"{arm.name}-s{seed}", arms_lib.arm_config(
-          recipe, arm, seed, base.workdir, tokenizer, int(config.arm_steps))))
+      runs.append(
+          TrainingRun(
+              arm.name,
+              seed,
+              workdir / "arms" / f"{arm.name}-s{seed}",
+              arms_lib.arm_config(recipe, arm, seed, base.workdir, tokenizer, int(config.arm_steps)),
+          )
+      )
   return Plan(base, tuple(runs), base_data_dir, tuple(test_records[:num_test]), sources.demo_config(recipe.data))
 
 
@@ -165,15 +176,24 @@ def training_summary(run: TrainingRun) -> dict:
       target_tokens += entry.get("tokens_cft", 0.0) + entry.get("tokens_sft", 0.0)
       step_seconds += entry.get("step_time", 0.0)
       final_loss = entry["loss"]
-  return {"steps": run.num_steps, "token_budget": arms_lib.token_budget(run.config),
-          "target_tokens": target_tokens, "final_loss": final_loss, "mixture": run.config.data.mixture,
-          "step_seconds": step_seconds}
+  return {
+      "steps": run.num_steps,
+      "token_budget": arms_lib.token_budget(run.config),
+      "target_tokens": target_tokens,
+      "final_loss": final_loss,
+      "mixture": run.config.data.mixture,
+      "step_seconds": step_seconds,
+  }
 
 
 def eval_settings(config: ml_collections.ConfigDict, run: TrainingRun) -> dict:
   e = config.evaluation
-  return {"num_test": int(e.num_test), "answer_max_new_tokens": int(e.answer_max_new_tokens),
-          "critique_max_new_tokens": int(e.critique_max_new_tokens), "checkpoint_step": run.num_steps}
+  return {
+      "num_test": int(e.num_test),
+      "answer_max_new_tokens": int(e.answer_max_new_tokens),
+      "critique_max_new_tokens": int(e.critique_max_new_tokens),
+      "checkpoint_step": run.num_steps,
+  }
 
 
 def eval_stage(config, run: TrainingRun, test_records, devices) -> bool:
@@ -183,12 +203,26 @@ def eval_stage(config, run: TrainingRun, test_records, devices) -> bool:
     return False
   started = time.perf_counter()
   rows, summary = evaluation.evaluate_checkpoint(
-      run.workdir, test_records, settings["answer_max_new_tokens"], settings["critique_max_new_tokens"],
-      int(config.evaluation.batch_size), progress=sys.stderr.isatty(), devices=devices)
+      run.workdir,
+      test_records,
+      settings["answer_max_new_tokens"],
+      settings["critique_max_new_tokens"],
+      int(config.evaluation.batch_size),
+      progress=sys.stderr.isatty(),
+      devices=devices,
+  )
   files.write_json_atomically(run.workdir / "eval_rows.json", rows)
-  files.write_json_atomically(result_path, {"arm": run.arm, "seed": run.seed, "settings": settings,
-                                            "summary": summary, "train": training_summary(run),
-                                            "eval_seconds": time.perf_counter() - started})
+  files.write_json_atomically(
+      result_path,
+      {
+          "arm": run.arm,
+          "seed": run.seed,
+          "settings": settings,
+          "summary": summary,
+          "train": training_summary(run),
+          "eval_seconds": time.perf_counter() - started,
+      },
+  )
   return True
 
 
@@ -197,9 +231,14 @@ def write_report(workdir: Path, plan: Plan, config) -> list[Path]:
   for run in plan.runs:
     results.setdefault(run.arm, []).append(json.loads((run.workdir / "eval.json").read_text()))
   rows = [report.aggregate_arm(arm, stage_results) for arm, stage_results in results.items()]
-  meta = {"num_test": len(plan.test_records), "arms": list(results), "seeds": arms_lib.parse_seeds(config.seeds),
-          "base_steps": plan.base.num_steps, "arm_steps": int(config.arm_steps),
-          "combine_seeds": "counts pooled over seeds; Wilson 95% interval on the pooled counts"}
+  meta = {
+      "num_test": len(plan.test_records),
+      "arms": list(results),
+      "seeds": arms_lib.parse_seeds(config.seeds),
+      "base_steps": plan.base.num_steps,
+      "arm_steps": int(config.arm_steps),
+      "combine_seeds": "counts pooled over seeds; Wilson 95% interval on the pooled counts",
+  }
   json_path, md_path = report.write_tables(workdir, rows, meta)
   curves: dict[str, list] = {}
   for run in plan.runs:
@@ -209,22 +248,23 @@ def write_report(workdir: Path, plan: Plan, config) -> list[Path]:
   return [md_path, json_path, loss_png, accuracy_png]
 
 
-def run_experiment(config: ml_collections.ConfigDict, workdir: str | Path,
-                   devices: Sequence[jax.Device] | None = None) -> list[Path]:
+def run_experiment(
+    config: ml_collections.ConfigDict, workdir: str | Path, devices: Sequence[jax.Device] | None = None
+) -> list[Path]:
   """Runs (or resumes) every stage; returns the table and plot paths."""
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   files.write_text_atomically(workdir / "experiment_config.json", config.to_json_best_effort(indent=2) + "\n")
   plan = make_plan(config, workdir)
-  stages = [("data", "base pool", 0), ("train", plan.base.label, plan.base.num_steps),
-            ("eval", plan.base.label, 1)]
+  stages = [("data", "base pool", 0), ("train", plan.base.label, plan.base.num_steps), ("eval", plan.base.label, 1)]
   for run in plan.arms:
     stages += [("train", run.label, run.num_steps), ("eval", run.label, 1)]
   progress = Progress(stages)
 
   def build_base_data() -> bool:
-    return base_data.prepare_base_dataset(plan.base_data_dir, plan.demo_config, int(config.base.num_problems),
-                                          float(config.base.error_fraction))
+    return base_data.prepare_base_dataset(
+        plan.base_data_dir, plan.demo_config, int(config.base.num_problems), float(config.base.error_fraction)
+    )
 
   index = 0
   progress.run(index, build_base_data)
@@ -233,7 +273,9 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | Path,
     progress.run(index + 2, lambda run=run: eval_stage(config, run, plan.test_records, devices))
     index += 2
   paths = write_report(workdir, plan, config)
-  print(f"[{time.strftime('%H:%M:%S')}] experiment done in "
-        f"{(time.perf_counter() - progress.start_time) / 60:.1f} min: " + ", ".join(str(p) for p in paths),
-        flush=True)
+  print(
+      f"[{time.strftime('%H:%M:%S')}] experiment done in "
+      f"{(time.perf_counter() - progress.start_time) / 60:.1f} min: " + ", ".join(str(p) for p in paths),
+      flush=True,
+  )
   return paths

@@ -30,8 +30,13 @@ def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float
 def proportion(successes: int, trials: int) -> dict:
   """A proportion with its Wilson 95% interval: {"value", "low", "high", "successes", "trials"}."""
   low, high = wilson_interval(successes, trials)
-  return {"value": successes / trials if trials else None, "low": low, "high": high,
-          "successes": successes, "trials": trials}
+  return {
+      "value": successes / trials if trials else None,
+      "low": low,
+      "high": high,
+      "successes": successes,
+      "trials": trials,
+  }
 
 
 def pooled_counts(summaries: Iterable[Mapping[str, int]], keys: Iterable[str]) -> dict[str, int]:

@@ -64,8 +64,7 @@ def _rope_fields(hf_config: dict, where: str) -> dict:
     return fields
   if rope_type != "llama3":
     raise ValueError(
-        f"{where}: rope scaling type {rope_type!r} is not supported (only 'llama3', as in "
-        f"Llama 3.1, or none)"
+        f"{where}: rope scaling type {rope_type!r} is not supported (only 'llama3', as in " f"Llama 3.1, or none)"
     )
   try:
     fields.update(
@@ -129,7 +128,9 @@ def hf_model_config(hf_dir: str | os.PathLike, max_length: int | None = None, wa
       log.warning(
           "%s: sliding_window=%d is not implemented (cftjax attends to all earlier tokens); "
           "results match the original model only for sequences up to %d tokens",
-          where, window, window,
+          where,
+          window,
+          window,
       )
 
   overrides = {
@@ -151,8 +152,7 @@ def hf_model_config(hf_dir: str | os.PathLike, max_length: int | None = None, wa
   return overrides
 
 
-def hf_config_dict(model_config: ModelConfig, family: str, torch_dtype: str,
-                   base: dict | None = None) -> dict:
+def hf_config_dict(model_config: ModelConfig, family: str, torch_dtype: str, base: dict | None = None) -> dict:
   """config.json for transformers; fields we do not model (token ids, max positions,
   Qwen2 sliding-window fields) come from `base`, the original model's config.json, when given."""
   architecture, model_type = FAMILY_TO_HF[family]
@@ -168,8 +168,10 @@ def hf_config_dict(model_config: ModelConfig, family: str, torch_dtype: str,
         "high_freq_factor": model_config.rope_high_freq_factor,
         "original_max_position_embeddings": model_config.rope_original_max_position,
     }
-  out.setdefault("max_position_embeddings", 4096 if rope_scaling is None
-                 else int(model_config.rope_original_max_position * model_config.rope_scaling_factor))
+  out.setdefault(
+      "max_position_embeddings",
+      4096 if rope_scaling is None else int(model_config.rope_original_max_position * model_config.rope_scaling_factor),
+  )
   out.setdefault("initializer_range", 0.02)
   out.setdefault("attention_dropout", 0.0)
   out.setdefault("use_cache", True)

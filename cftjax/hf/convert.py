@@ -21,8 +21,16 @@ from cftjax.data import sources
 from cftjax.data.records import read_json_object
 from cftjax.hf.config import FAMILY_TO_HF, check_model_config, hf_config_dict, hf_model_config, model_config_family
 from cftjax.hf.layout import IGNORED_SUFFIXES, ParamSource, hf_shape, param_sources, read_block, to_hf_layout
-from cftjax.hf.safetensors_io import (DTYPES, FLOAT_DTYPE_NAMES, INDEX_FILE, LOADABLE_DTYPES, SINGLE_FILE, TensorInfo,
-                                      index_hf_tensors, write_safetensors)
+from cftjax.hf.safetensors_io import (
+    DTYPES,
+    FLOAT_DTYPE_NAMES,
+    INDEX_FILE,
+    LOADABLE_DTYPES,
+    SINGLE_FILE,
+    TensorInfo,
+    index_hf_tensors,
+    write_safetensors,
+)
 from cftjax.model import ModelConfig, Transformer, params_init_fn
 
 log = logging.getLogger(__name__)
@@ -50,8 +58,13 @@ def model_abstract_params(model_config: ModelConfig, mesh) -> tuple[Any, Any]:
   return sharding.abstract_params_and_shardings(params_init_fn(Transformer(model_config)), mesh)
 
 
-def _match_tensors(sources: list[ParamSource], abstract_leaves: list, tensors: dict[str, TensorInfo],
-                   hf_dir: Path, tie_embeddings: bool) -> None:
+def _match_tensors(
+    sources: list[ParamSource],
+    abstract_leaves: list,
+    tensors: dict[str, TensorInfo],
+    hf_dir: Path,
+    tie_embeddings: bool,
+) -> None:
   """Every tensor we need exists with the right shape; every other tensor is accounted for."""
   used = set()
   for source, leaf in zip(sources, abstract_leaves):
@@ -66,8 +79,10 @@ def _match_tensors(sources: list[ParamSource], abstract_leaves: list, tensors: d
             f"from {hf_dir / 'config.json'}"
         )
       if info.dtype not in LOADABLE_DTYPES:
-        raise ValueError(f"{info.path}: tensor {name!r} has dtype {info.dtype}; only float64/32/16 and "
-                         f"bfloat16 weights load (quantized checkpoints are not supported)")
+        raise ValueError(
+            f"{info.path}: tensor {name!r} has dtype {info.dtype}; only float64/32/16 and "
+            f"bfloat16 weights load (quantized checkpoints are not supported)"
+        )
       used.add(name)
   ignorable = {n for n in tensors if n.endswith(IGNORED_SUFFIXES)}
   if tie_embeddings and "lm_head.weight" in tensors:
@@ -90,8 +105,9 @@ def _unit_ranges(index: tuple[slice, ...], shape: Sequence[int]) -> tuple[tuple[
   return tuple(ranges)
 
 
-def _import_leaf(source: ParamSource, leaf: jax.ShapeDtypeStruct, target_sharding,
-                 tensors: dict[str, TensorInfo], dtype: np.dtype) -> jax.Array:
+def _import_leaf(
+    source: ParamSource, leaf: jax.ShapeDtypeStruct, target_sharding, tensors: dict[str, TensorInfo], dtype: np.dtype
+) -> jax.Array:
   """One parameter onto its sharding: each distinct shard read, converted and sent once
   (host memory: that shard plus one layer's block)."""
   shape = tuple(leaf.shape)
@@ -157,7 +173,10 @@ def copy_tokenizer_files(source_dir: Path, out_dir: Path) -> list[str]:
 
 
 def import_to_checkpoint(
-    hf_dir: str | os.PathLike, out_dir: str | os.PathLike, mesh, config: ml_collections.ConfigDict,
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    mesh,
+    config: ml_collections.ConfigDict,
 ) -> ml_collections.ConfigDict:
   """HF model directory -> cftjax parameter checkpoint (Orbax, step 0) in `out_dir`.
 
@@ -225,8 +244,13 @@ def _plan_shards(entries: list[_HFTensor], itemsize: int, max_shard_bytes: int) 
   return shards
 
 
-def save_hf_weights(params: Any, model_config: ModelConfig, out_dir: str | os.PathLike, dtype: str = "bfloat16",
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+def save_hf_weights(
+    params: Any,
+    model_config: ModelConfig,
+    out_dir: str | os.PathLike,
+    dtype: str = "bfloat16",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> list[str]:
   """Writes `params` as HF safetensors (sharded above `max_shard_bytes`, with the index).
 
   One layer tensor at a time is gathered to the host. Every process must call this (the
@@ -240,8 +264,11 @@ def save_hf_weights(params: Any, model_config: ModelConfig, out_dir: str | os.Pa
   sources = param_sources(params, model_config.num_layers)
   entries = _hf_tensors(sources, leaves)
   shards = _plan_shards(entries, np_dtype.itemsize, max_shard_bytes)
-  names = [SINGLE_FILE] if len(shards) == 1 else [
-      f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+  names = (
+      [SINGLE_FILE]
+      if len(shards) == 1
+      else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+  )
   writer = jax.process_index() == 0
   if writer:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -310,8 +337,13 @@ def _find_tokenizer_dir(checkpoint_dir: Path, config) -> Path | None:
 
 
 def export_checkpoint(
-    checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, mesh=None, *,
-    dtype: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, step: int | None = None,
+    checkpoint_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    mesh=None,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    step: int | None = None,
 ) -> Path:
   """cftjax checkpoint (parameter-only or a training workdir) -> HF model directory.
 

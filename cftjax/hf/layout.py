@@ -165,7 +165,7 @@ def from_hf_block(kind: str, x: np.ndarray, ranges: Sequence[tuple[int, int]], s
 def read_hf_block(info: TensorInfo, rows: tuple[int, int], cols: tuple[int, int] | None) -> np.ndarray:
   """The HF tensor's [rows, cols] block (a view when only some columns are needed)."""
   block = read_rows(info, *rows)
-  return block if cols is None else block[:, cols[0]:cols[1]]
+  return block if cols is None else block[:, cols[0] : cols[1]]
 
 
 def transpose_2d(x: np.ndarray, tile: int = 256) -> np.ndarray:
@@ -175,7 +175,7 @@ def transpose_2d(x: np.ndarray, tile: int = 256) -> np.ndarray:
   out = np.empty((cols, rows), x.dtype)
   for i in range(0, rows, tile):
     for j in range(0, cols, tile):
-      out[j:j + tile, i:i + tile] = x[i:i + tile, j:j + tile].T
+      out[j : j + tile, i : i + tile] = x[i : i + tile, j : j + tile].T
   return out
 
 

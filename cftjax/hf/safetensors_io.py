@@ -135,7 +135,8 @@ def read_rows(info: TensorInfo, start: int, stop: int) -> np.ndarray:
 
 
 def write_safetensors(
-    path: Path, tensors: Sequence[tuple[str, tuple[int, ...], np.dtype]],
+    path: Path,
+    tensors: Sequence[tuple[str, tuple[int, ...], np.dtype]],
     produce: Callable[[str], np.ndarray],
 ) -> None:
   """Writes a safetensors file whose tensors `produce(name)` yields one at a time."""
@@ -143,8 +144,11 @@ def write_safetensors(
   offset = 0
   for name, shape, dtype in tensors:
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    header[name] = {"dtype": DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape),
-                    "data_offsets": [offset, offset + nbytes]}
+    header[name] = {
+        "dtype": DTYPE_NAMES[np.dtype(dtype)],
+        "shape": list(shape),
+        "data_offsets": [offset, offset + nbytes],
+    }
     offset += nbytes
   header_bytes = json.dumps(header, separators=(",", ":")).encode()
   header_bytes += b" " * (-len(header_bytes) % 8)  # data starts 8-byte aligned

@@ -27,338 +27,351 @@ STEP_RE = re.compile(r"Step (\d+): (\d+) ([-+*]) (\d+) = (\d+)")
 
 @pytest.fixture(scope="module")
 def splits():
-    return generate_splits(CONFIG)
+  return generate_splits(CONFIG)
 
 
 def _query_operations(query):
-    """(start, [(op, operand), ...]) read from the query text, independently of demo_task."""
-    match = re.fullmatch(r"Start with (\d+)\. (.+)\. What is the result\?", query)
-    assert match, query
-    operations = []
-    for phrase in match.group(2).lower().split(", then "):
-        name, operand = phrase.rsplit(" ", 1)
-        operations.append((PHRASE_OPS[name], int(operand)))
-    return int(match.group(1)), operations
+  """(start, [(op, operand), ...]) read from the query text, independently of demo_task."""
+  match = re.fullmatch(r"Start with (\d+)\. (.+)\. What is the result\?", query)
+  assert match, query
+  operations = []
+  for phrase in match.group(2).lower().split(", then "):
+    name, operand = phrase.rsplit(" ", 1)
+    operations.append((PHRASE_OPS[name], int(operand)))
+  return int(match.group(1)), operations
 
 
 def _true_values(query):
-    start, operations = _query_operations(query)
-    values = [start]
-    for op, operand in operations:
-        values.append(OPS[op](values[-1], operand))
-    return values, operations
+  start, operations = _query_operations(query)
+  values = [start]
+  for op, operand in operations:
+    values.append(OPS[op](values[-1], operand))
+  return values, operations
 
 
 def _response_steps(response):
-    lines = response.split("\n")
-    steps = [STEP_RE.fullmatch(line) for line in lines[:-1]]
-    assert all(steps), response
-    assert [int(s.group(1)) for s in steps] == list(range(1, len(steps) + 1))
-    parsed = [(int(s.group(2)), s.group(3), int(s.group(4)), int(s.group(5))) for s in steps]
-    assert lines[-1] == f"The answer is {parsed[-1][3]}."
-    return parsed
+  lines = response.split("\n")
+  steps = [STEP_RE.fullmatch(line) for line in lines[:-1]]
+  assert all(steps), response
+  assert [int(s.group(1)) for s in steps] == list(range(1, len(steps) + 1))
+  parsed = [(int(s.group(2)), s.group(3), int(s.group(4)), int(s.group(5))) for s in steps]
+  assert lines[-1] == f"The answer is {parsed[-1][3]}."
+  return parsed
 
 
 def _first_wrong_step(record):
-    """Index of the first response step that deviates from the query, or None."""
-    values, operations = _true_values(record["query"])
-    for index, (left, op, operand, result) in enumerate(_response_steps(record["response"])):
-        if (left, op, operand, result) != (values[index], *operations[index], values[index + 1]):
-            return index
-    return None
+  """Index of the first response step that deviates from the query, or None."""
+  values, operations = _true_values(record["query"])
+  for index, (left, op, operand, result) in enumerate(_response_steps(record["response"])):
+    if (left, op, operand, result) != (values[index], *operations[index], values[index + 1]):
+      return index
+  return None
 
 
 def test_records_follow_the_schema(splits):
-    for records in splits.values():
-        for record in records:
-            assert set(record) == CANONICAL_KEYS | {"critique_flawed"}
-            assert all(isinstance(value, str) for value in record.values())
-            assert (record["objective"], record["system"], record["history"]) == ("cft", "", "[]")
-            assert record["label"] in ("right", "wrong") and record["critique_flawed"] in ("0", "1")
+  for records in splits.values():
+    for record in records:
+      assert set(record) == CANONICAL_KEYS | {"critique_flawed"}
+      assert all(isinstance(value, str) for value in record.values())
+      assert (record["objective"], record["system"], record["history"]) == ("cft", "", "[]")
+      assert record["label"] in ("right", "wrong") and record["critique_flawed"] in ("0", "1")
 
 
 def test_generation_is_deterministic_and_seeded(splits):
-    assert generate_splits(CONFIG) == splits
-    assert generate_split(CONFIG, "validation") == splits["validation"]
-    other = generate_splits(dataclasses.replace(CONFIG, seed=4))
-    assert {r["query"] for r in other["train"]} != {r["query"] for r in splits["train"]}
+  assert generate_splits(CONFIG) == splits
+  assert generate_split(CONFIG, "validation") == splits["validation"]
+  other = generate_splits(dataclasses.replace(CONFIG, seed=4))
+  assert {r["query"] for r in other["train"]} != {r["query"] for r in splits["train"]}
 
 
 def test_splits_are_disjoint_and_stable_when_other_splits_grow(splits):
-    queries = {split: [r["query"] for r in records] for split, records in splits.items()}
-    for split in SPLITS:
-        assert len(queries[split]) == CONFIG.split_size(split) == len(set(queries[split]))
-    assert not set(queries["train"]) & set(queries["validation"])
-    assert not set(queries["train"]) & set(queries["test"])
-    assert not set(queries["validation"]) & set(queries["test"])
-    bigger_train = dataclasses.replace(CONFIG, num_train=2 * CONFIG.num_train)
-    assert generate_split(bigger_train, "test") == splits["test"]
+  queries = {split: [r["query"] for r in records] for split, records in splits.items()}
+  for split in SPLITS:
+    assert len(queries[split]) == CONFIG.split_size(split) == len(set(queries[split]))
+  assert not set(queries["train"]) & set(queries["validation"])
+  assert not set(queries["train"]) & set(queries["test"])
+  assert not set(queries["validation"]) & set(queries["test"])
+  bigger_train = dataclasses.replace(CONFIG, num_train=2 * CONFIG.num_train)
+  assert generate_split(bigger_train, "test") == splits["test"]
 
 
 def test_problems_respect_step_counts_and_value_range(splits):
-    for records in splits.values():
-        for record in records:
-            values, operations = _true_values(record["query"])
-            assert CONFIG.min_steps <= len(operations) <= CONFIG.max_steps
-            assert record["answer"] == str(values[-1])
-            for text in (record["query"], record["response"], record["critique"]):
-                assert not re.search(r"-\d", text), text  # no negative numbers
-                assert all(int(n) < demo_task.MAX_VALUE for n in re.findall(r"\d+", text)), text
+  for records in splits.values():
+    for record in records:
+      values, operations = _true_values(record["query"])
+      assert CONFIG.min_steps <= len(operations) <= CONFIG.max_steps
+      assert record["answer"] == str(values[-1])
+      for text in (record["query"], record["response"], record["critique"]):
+        assert not re.search(r"-\d", text), text  # no negative numbers
+        assert all(int(n) < demo_task.MAX_VALUE for n in re.findall(r"\d+", text)), text
 
 
 def test_noisy_responses_carry_one_error_that_propagates_consistently(splits):
-    kinds = set()
-    for records in splits.values():
-        for record in records:
-            values, operations = _true_values(record["query"])
-            steps = _response_steps(record["response"])
-            wrong = _first_wrong_step(record)
-            assert len(steps) == len(operations)
-            if record["label"] == "right":
-                assert wrong is None and steps[-1][3] == values[-1]
-                assert demo_task.error_kind(record["query"], record["response"]) is None
-                continue
-            assert wrong is not None and steps[-1][3] != values[-1]  # the error changes the answer
-            left, op, operand, result = steps[wrong]
-            assert op == operations[wrong][0]
-            if left != values[wrong]:  # miscopied from the previous (right) step
-                kind = "carried"
-                assert wrong > 0 and left != steps[wrong - 1][3] and operand == operations[wrong][1]
-                assert result == OPS[op](left, operand)
-            elif operand == operations[wrong][1]:
-                kind = "arithmetic"
-                assert result != OPS[op](left, operand)
-            else:
-                kind = "operand"
-                assert result == OPS[op](left, operand)
-            kinds.add(kind)
-            assert demo_task.error_kind(record["query"], record["response"]) == kind
-            previous = result
-            for index in range(wrong + 1, len(steps)):  # later steps: right arithmetic, wrong input
-                left, op, operand, result = steps[index]
-                assert (left, op, operand) == (previous, *operations[index])
-                assert result == OPS[op](left, operand)
-                previous = result
-    assert kinds == {"arithmetic", "operand", "carried"}
+  kinds = set()
+  for records in splits.values():
+    for record in records:
+      values, operations = _true_values(record["query"])
+      steps = _response_steps(record["response"])
+      wrong = _first_wrong_step(record)
+      assert len(steps) == len(operations)
+      if record["label"] == "right":
+        assert wrong is None and steps[-1][3] == values[-1]
+        assert demo_task.error_kind(record["query"], record["response"]) is None
+        continue
+      assert wrong is not None and steps[-1][3] != values[-1]  # the error changes the answer
+      left, op, operand, result = steps[wrong]
+      assert op == operations[wrong][0]
+      if left != values[wrong]:  # miscopied from the previous (right) step
+        kind = "carried"
+        assert wrong > 0 and left != steps[wrong - 1][3] and operand == operations[wrong][1]
+        assert result == OPS[op](left, operand)
+      elif operand == operations[wrong][1]:
+        kind = "arithmetic"
+        assert result != OPS[op](left, operand)
+      else:
+        kind = "operand"
+        assert result == OPS[op](left, operand)
+      kinds.add(kind)
+      assert demo_task.error_kind(record["query"], record["response"]) == kind
+      previous = result
+      for index in range(wrong + 1, len(steps)):  # later steps: right arithmetic, wrong input
+        left, op, operand, result = steps[index]
+        assert (left, op, operand) == (previous, *operations[index])
+        assert result == OPS[op](left, operand)
+        previous = result
+  assert kinds == {"arithmetic", "operand", "carried"}
 
 
 def test_error_fraction_controls_labels():
-    all_right = generate_split(dataclasses.replace(CONFIG, error_fraction=0.0), "validation")
-    all_wrong = generate_split(dataclasses.replace(CONFIG, error_fraction=1.0), "validation")
-    assert {r["label"] for r in all_right} == {"right"}
-    assert {r["label"] for r in all_wrong} == {"wrong"}
-    assert all(_first_wrong_step(r) is not None for r in all_wrong)
+  all_right = generate_split(dataclasses.replace(CONFIG, error_fraction=0.0), "validation")
+  all_wrong = generate_split(dataclasses.replace(CONFIG, error_fraction=1.0), "validation")
+  assert {r["label"] for r in all_right} == {"right"}
+  assert {r["label"] for r in all_wrong} == {"wrong"}
+  assert all(_first_wrong_step(r) is not None for r in all_wrong)
 
 
 def test_flawed_critique_share_matches_the_setting_exactly(splits):
-    for split, records in splits.items():
-        flawed = [r for r in records if r["critique_flawed"] == "1"]
-        assert len(flawed) == round(CONFIG.flawed_critique_fraction * CONFIG.split_size(split))
-        for record in records:
-            verdict = parse_conclusion(record["critique"])
-            assert record["critique"].split("\n")[-1] == f"Conclusion: {verdict}"
-            assert (verdict == record["label"]) == (record["critique_flawed"] == "0")
-    for fraction, expected in ((0.0, "0"), (1.0, "1")):
-        records = generate_split(dataclasses.replace(CONFIG, flawed_critique_fraction=fraction), "test")
-        assert {r["critique_flawed"] for r in records} == {expected}
+  for split, records in splits.items():
+    flawed = [r for r in records if r["critique_flawed"] == "1"]
+    assert len(flawed) == round(CONFIG.flawed_critique_fraction * CONFIG.split_size(split))
+    for record in records:
+      verdict = parse_conclusion(record["critique"])
+      assert record["critique"].split("\n")[-1] == f"Conclusion: {verdict}"
+      assert (verdict == record["label"]) == (record["critique_flawed"] == "0")
+  for fraction, expected in ((0.0, "0"), (1.0, "1")):
+    records = generate_split(dataclasses.replace(CONFIG, flawed_critique_fraction=fraction), "test")
+    assert {r["critique_flawed"] for r in records} == {expected}
 
 
 def _accepted_line(number, step, source):
-    left, op, operand, result = step
-    phrase = {v: k for k, v in PHRASE_OPS.items()}[op]
-    return (f"Step {number}. Input: {source}, written {left}: ok. "
-            f"Operation: the question says {phrase} {operand}, written {op} {operand}: ok. "
-            f"Result: {left} {op} {operand} makes {result}, written {result}: ok.")
+  left, op, operand, result = step
+  phrase = {v: k for k, v in PHRASE_OPS.items()}[op]
+  return (
+      f"Step {number}. Input: {source}, written {left}: ok. "
+      f"Operation: the question says {phrase} {operand}, written {op} {operand}: ok. "
+      f"Result: {left} {op} {operand} makes {result}, written {result}: ok."
+  )
 
 
 def test_faithful_critiques_check_each_step_against_its_sources_and_stop_at_the_first_wrong(splits):
-    for records in splits.values():
-        for record in records:
-            if record["critique_flawed"] == "1":
-                continue
-            values, operations = _true_values(record["query"])
-            lines = record["critique"].split("\n")
-            assert lines[-2] == f"The correct final answer is {values[-1]}."
-            assert lines[-1] == f"Conclusion: {record['label']}"
-            steps = _response_steps(record["response"])
-            wrong = _first_wrong_step(record)
-            checked = len(steps) if wrong is None else wrong
-            for index in range(checked):
-                source = f"the question starts with {values[0]}" if index == 0 else f"step {index} gave {values[index]}"
-                assert lines[index] == _accepted_line(index + 1, steps[index], source)
-            if wrong is None:
-                assert len(lines) == len(steps) + 2
-                continue
-            left, op, operand, result = steps[wrong]
-            true_op, true_operand = operations[wrong]
-            line = lines[wrong]
-            assert line.startswith(f"Step {wrong + 1}. Input: ")
-            if left != values[wrong]:
-                assert line.endswith(f"Input: step {wrong} gave {values[wrong]}, written {left}: wrong.")
-            elif operand != true_operand:
-                phrase = {v: k for k, v in PHRASE_OPS.items()}[true_op]
-                assert line.endswith(f"Operation: the question says {phrase} {true_operand}, written {op} {operand}: wrong.")
-            else:
-                assert line.endswith(f"Result: {left} {op} {operand} makes {OPS[op](left, operand)}, written {result}: wrong.")
-            assert line.count(": wrong.") == 1
-            assert lines[wrong + 1] == f"So step {wrong + 1} should be {values[wrong]} {op} {true_operand} = {values[wrong + 1]}."
+  for records in splits.values():
+    for record in records:
+      if record["critique_flawed"] == "1":
+        continue
+      values, operations = _true_values(record["query"])
+      lines = record["critique"].split("\n")
+      assert lines[-2] == f"The correct final answer is {values[-1]}."
+      assert lines[-1] == f"Conclusion: {record['label']}"
+      steps = _response_steps(record["response"])
+      wrong = _first_wrong_step(record)
+      checked = len(steps) if wrong is None else wrong
+      for index in range(checked):
+        source = f"the question starts with {values[0]}" if index == 0 else f"step {index} gave {values[index]}"
+        assert lines[index] == _accepted_line(index + 1, steps[index], source)
+      if wrong is None:
+        assert len(lines) == len(steps) + 2
+        continue
+      left, op, operand, result = steps[wrong]
+      true_op, true_operand = operations[wrong]
+      line = lines[wrong]
+      assert line.startswith(f"Step {wrong + 1}. Input: ")
+      if left != values[wrong]:
+        assert line.endswith(f"Input: step {wrong} gave {values[wrong]}, written {left}: wrong.")
+      elif operand != true_operand:
+        phrase = {v: k for k, v in PHRASE_OPS.items()}[true_op]
+        assert line.endswith(f"Operation: the question says {phrase} {true_operand}, written {op} {operand}: wrong.")
+      else:
+        assert line.endswith(f"Result: {left} {op} {operand} makes {OPS[op](left, operand)}, written {result}: wrong.")
+      assert line.count(": wrong.") == 1
+      assert (
+          lines[wrong + 1]
+          == f"So step {wrong + 1} should be {values[wrong]} {op} {true_operand} = {values[wrong + 1]}."
+      )
 
 
 def test_flawed_critiques_are_consistent_with_their_wrong_verdict(splits):
-    for records in splits.values():
-        for record in (r for r in records if r["critique_flawed"] == "1"):
-            lines = record["critique"].split("\n")
-            response_answer = extract_final_answer(record["response"])
-            claimed = extract_final_answer(record["critique"])
-            if record["label"] == "wrong":  # waved through: every written number believed, its answer too
-                assert ": wrong." not in record["critique"] and lines[-1] == "Conclusion: right"
-                steps = _response_steps(record["response"])
-                assert len(lines) == len(steps) + 2
-                assert all(line.endswith(f"written {step[3]}: ok.") for line, step in zip(lines, steps))
-                assert claimed == response_answer
-            else:  # a right response is flagged: the claimed answer is not the response's
-                assert sum(line.endswith(": wrong.") for line in lines) == 1 and lines[-1] == "Conclusion: wrong"
-                assert claimed != response_answer == record["answer"]
+  for records in splits.values():
+    for record in (r for r in records if r["critique_flawed"] == "1"):
+      lines = record["critique"].split("\n")
+      response_answer = extract_final_answer(record["response"])
+      claimed = extract_final_answer(record["critique"])
+      if record["label"] == "wrong":  # waved through: every written number believed, its answer too
+        assert ": wrong." not in record["critique"] and lines[-1] == "Conclusion: right"
+        steps = _response_steps(record["response"])
+        assert len(lines) == len(steps) + 2
+        assert all(line.endswith(f"written {step[3]}: ok.") for line, step in zip(lines, steps))
+        assert claimed == response_answer
+      else:  # a right response is flagged: the claimed answer is not the response's
+        assert sum(line.endswith(": wrong.") for line in lines) == 1 and lines[-1] == "Conclusion: wrong"
+        assert claimed != response_answer == record["answer"]
 
 
 def test_sft_records_hold_the_correct_solution(splits):
-    cft = splits["validation"]
-    sft = sft_records(cft)
-    assert [r["query"] for r in sft] == [r["query"] for r in cft]
-    for record in sft:
-        assert set(record) == CANONICAL_KEYS | {"critique_flawed"}
-        assert (record["objective"], record["critique"], record["label"]) == ("sft", "", "")
-        assert _first_wrong_step(record) is None
-        assert extract_final_answer(record["response"]) == record["answer"]
-    with pytest.raises(ValueError, match="record 0 has objective 'sft'"):
-        sft_records(sft)
+  cft = splits["validation"]
+  sft = sft_records(cft)
+  assert [r["query"] for r in sft] == [r["query"] for r in cft]
+  for record in sft:
+    assert set(record) == CANONICAL_KEYS | {"critique_flawed"}
+    assert (record["objective"], record["critique"], record["label"]) == ("sft", "", "")
+    assert _first_wrong_step(record) is None
+    assert extract_final_answer(record["response"]) == record["answer"]
+  with pytest.raises(ValueError, match="record 0 has objective 'sft'"):
+    sft_records(sft)
 
 
 def test_parse_conclusion_and_extract_final_answer():
-    assert parse_conclusion("Step 1 is correct.\nConclusion: right") == "right"
-    assert parse_conclusion("Conclusion: right\n...\nConclusion: **Wrong**.") == "wrong"
-    assert parse_conclusion("no verdict here") is None
-    assert extract_final_answer("Step 1: 2 + 3 = 5\nThe answer is 5.") == "5"
-    assert extract_final_answer("The correct final answer is 58.\nConclusion: wrong") == "58"
-    assert extract_final_answer("I think it is 7") is None
+  assert parse_conclusion("Step 1 is correct.\nConclusion: right") == "right"
+  assert parse_conclusion("Conclusion: right\n...\nConclusion: **Wrong**.") == "wrong"
+  assert parse_conclusion("no verdict here") is None
+  assert extract_final_answer("Step 1: 2 + 3 = 5\nThe answer is 5.") == "5"
+  assert extract_final_answer("The correct final answer is 58.\nConclusion: wrong") == "58"
+  assert extract_final_answer("I think it is 7") is None
 
 
 def test_config_and_split_errors_name_the_field():
-    with pytest.raises(ValueError, match="min_steps=4, max_steps=3"):
-        DemoConfig(min_steps=4, max_steps=3)
-    with pytest.raises(ValueError, match="flawed_critique_fraction"):
-        DemoConfig(flawed_critique_fraction=1.5)
-    with pytest.raises(ValueError, match="num_test"):
-        DemoConfig(num_test=-1)
-    with pytest.raises(ValueError, match="unknown split 'dev'"):
-        generate_split(CONFIG, "dev")
-    with pytest.raises(ValueError, match="too few unique problems"):
-        generate_split(DemoConfig(num_test=300, min_steps=1, max_steps=1), "test")  # 174 exist
+  with pytest.raises(ValueError, match="min_steps=4, max_steps=3"):
+    DemoConfig(min_steps=4, max_steps=3)
+  with pytest.raises(ValueError, match="flawed_critique_fraction"):
+    DemoConfig(flawed_critique_fraction=1.5)
+  with pytest.raises(ValueError, match="num_test"):
+    DemoConfig(num_test=-1)
+  with pytest.raises(ValueError, match="unknown split 'dev'"):
+    generate_split(CONFIG, "dev")
+  with pytest.raises(ValueError, match="too few unique problems"):
+    generate_split(DemoConfig(num_test=300, min_steps=1, max_steps=1), "test")  # 174 exist
 
 
 def test_prepare_demo_data_builds_once_and_caches(tmp_path, monkeypatch, splits):
-    trainings = []
-    real_train = demo_task.train_sentencepiece
+  trainings = []
+  real_train = demo_task.train_sentencepiece
 
-    def counting_train(*args, **kwargs):
-        trainings.append(args)
-        return real_train(*args, **kwargs)
+  def counting_train(*args, **kwargs):
+    trainings.append(args)
+    return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(demo_task, "train_sentencepiece", counting_train)
-    data = prepare_demo_data(tmp_path, CONFIG)
-    assert data.built and len(trainings) == 1
-    for split in SPLITS:
-        assert data.records(split, "cft") == splits[split]
-        assert data.records(split, "sft") == sft_records(splits[split])
-    tokenizer = data.tokenizer()
-    critique = splits["train"][0]["critique"]
-    assert tokenizer.decode(tokenizer.encode(critique)) == critique
-    assert tokenizer.token_to_id("<|im_end|>") is not None
-    model_mtime = data.tokenizer_path.stat().st_mtime_ns
+  monkeypatch.setattr(demo_task, "train_sentencepiece", counting_train)
+  data = prepare_demo_data(tmp_path, CONFIG)
+  assert data.built and len(trainings) == 1
+  for split in SPLITS:
+    assert data.records(split, "cft") == splits[split]
+    assert data.records(split, "sft") == sft_records(splits[split])
+  tokenizer = data.tokenizer()
+  critique = splits["train"][0]["critique"]
+  assert tokenizer.decode(tokenizer.encode(critique)) == critique
+  assert tokenizer.token_to_id("<|im_end|>") is not None
+  model_mtime = data.tokenizer_path.stat().st_mtime_ns
 
-    again = prepare_demo_data(tmp_path, CONFIG)
-    assert not again.built and len(trainings) == 1
-    assert again.directory == data.directory
-    assert data.tokenizer_path.stat().st_mtime_ns == model_mtime
+  again = prepare_demo_data(tmp_path, CONFIG)
+  assert not again.built and len(trainings) == 1
+  assert again.directory == data.directory
+  assert data.tokenizer_path.stat().st_mtime_ns == model_mtime
 
-    other = prepare_demo_data(tmp_path, dataclasses.replace(CONFIG, seed=9))
-    assert other.built and len(trainings) == 2 and other.directory != data.directory
-    assert not list(tmp_path.rglob("*.tmp"))
+  other = prepare_demo_data(tmp_path, dataclasses.replace(CONFIG, seed=9))
+  assert other.built and len(trainings) == 2 and other.directory != data.directory
+  assert not list(tmp_path.rglob("*.tmp"))
 
 
 def test_prepare_demo_data_rebuilds_an_incomplete_cache(tmp_path):
-    data = prepare_demo_data(tmp_path, CONFIG)
-    data.cft_paths["test"].unlink()
-    again = prepare_demo_data(tmp_path, CONFIG)
-    assert again.built
-    assert again.records("test") == generate_split(CONFIG, "test")
+  data = prepare_demo_data(tmp_path, CONFIG)
+  data.cft_paths["test"].unlink()
+  again = prepare_demo_data(tmp_path, CONFIG)
+  assert again.built
+  assert again.records("test") == generate_split(CONFIG, "test")
 
 
 EASY = dataclasses.replace(
-    CONFIG, min_value=10, max_value=100, max_start=90, max_add_operand=9, max_multiplier=0,
-    error_kinds=("arithmetic",), arithmetic_slips=(-2, -1, 1, 2), min_steps=2, max_steps=3,
+    CONFIG,
+    min_value=10,
+    max_value=100,
+    max_start=90,
+    max_add_operand=9,
+    max_multiplier=0,
+    error_kinds=("arithmetic",),
+    arithmetic_slips=(-2, -1, 1, 2),
+    min_steps=2,
+    max_steps=3,
 )
 
 
 def test_difficulty_knobs_bound_values_operations_and_errors():
-    splits = generate_splits(EASY)
-    slips = set()
-    for records in splits.values():
-        for record in records:
-            values, operations = _true_values(record["query"])
-            assert {op for op, _ in operations} <= {"+", "-"}
-            assert all(1 <= operand <= 9 for _, operand in operations)
-            assert all(10 <= value < 100 for value in values)
-            for text in (record["response"], record["critique"]):  # every written value, right or wrong
-                assert all(10 <= int(n) < 100 for n in re.findall(r"(?:= |answer is )(\d+)", text)), text
-            steps = _response_steps(record["response"])
-            assert all(10 <= value < 100 for step in steps for value in (step[0], step[3]))
-            wrong = _first_wrong_step(record)
-            if wrong is not None:
-                left, op, operand, result = steps[wrong]
-                assert operand == operations[wrong][1]  # arithmetic errors only
-                slips.add(result - OPS[op](left, operand))
-    assert slips == {-2, -1, 1, 2}
+  splits = generate_splits(EASY)
+  slips = set()
+  for records in splits.values():
+    for record in records:
+      values, operations = _true_values(record["query"])
+      assert {op for op, _ in operations} <= {"+", "-"}
+      assert all(1 <= operand <= 9 for _, operand in operations)
+      assert all(10 <= value < 100 for value in values)
+      for text in (record["response"], record["critique"]):  # every written value, right or wrong
+        assert all(10 <= int(n) < 100 for n in re.findall(r"(?:= |answer is )(\d+)", text)), text
+      steps = _response_steps(record["response"])
+      assert all(10 <= value < 100 for step in steps for value in (step[0], step[3]))
+      wrong = _first_wrong_step(record)
+      if wrong is not None:
+        left, op, operand, result = steps[wrong]
+        assert operand == operations[wrong][1]  # arithmetic errors only
+        slips.add(result - OPS[op](left, operand))
+  assert slips == {-2, -1, 1, 2}
 
 
 def test_difficulty_knob_errors_name_the_field():
-    with pytest.raises(ValueError, match="min_value=50, max_start=20"):
-        DemoConfig(min_value=50, max_start=20, max_value=100)
-    with pytest.raises(ValueError, match="error_kinds"):
-        DemoConfig(error_kinds=("typo",))
-    with pytest.raises(ValueError, match="arithmetic_slips"):
-        DemoConfig(arithmetic_slips=(0, 1))
+  with pytest.raises(ValueError, match="min_value=50, max_start=20"):
+    DemoConfig(min_value=50, max_start=20, max_value=100)
+  with pytest.raises(ValueError, match="error_kinds"):
+    DemoConfig(error_kinds=("typo",))
+  with pytest.raises(ValueError, match="arithmetic_slips"):
+    DemoConfig(arithmetic_slips=(0, 1))
 
 
 def test_drill_records_are_correct_single_operations_in_range():
-    drills = demo_task.drill_records(dataclasses.replace(EASY, drill_lines=7), "validation")
-    assert len(drills) == EASY.num_validation
-    assert drills == demo_task.drill_records(dataclasses.replace(EASY, drill_lines=7), "validation")
-    assert drills != demo_task.drill_records(dataclasses.replace(EASY, drill_lines=7), "test")
-    seen_ops = set()
-    for record in drills:
-        assert set(record) == CANONICAL_KEYS | {"critique_flawed"}
-        assert (record["objective"], record["query"], record["label"]) == ("sft", demo_task.DRILL_QUERY, "")
-        lines = record["response"].split("\n")
-        assert len(lines) == 7
-        for line in lines:
-            left, op, operand, result = re.fullmatch(r"(\d+) ([-+*]) (\d+) = (\d+)", line).groups()
-            assert int(result) == OPS[op](int(left), int(operand))
-            assert 1 <= int(operand) <= 9 and all(10 <= int(v) < 100 for v in (left, result))
-            seen_ops.add(op)
-    assert seen_ops == {"+", "-"}
-    with pytest.raises(ValueError, match="drill_lines"):
-        DemoConfig(drill_lines=0)
+  drills = demo_task.drill_records(dataclasses.replace(EASY, drill_lines=7), "validation")
+  assert len(drills) == EASY.num_validation
+  assert drills == demo_task.drill_records(dataclasses.replace(EASY, drill_lines=7), "validation")
+  assert drills != demo_task.drill_records(dataclasses.replace(EASY, drill_lines=7), "test")
+  seen_ops = set()
+  for record in drills:
+    assert set(record) == CANONICAL_KEYS | {"critique_flawed"}
+    assert (record["objective"], record["query"], record["label"]) == ("sft", demo_task.DRILL_QUERY, "")
+    lines = record["response"].split("\n")
+    assert len(lines) == 7
+    for line in lines:
+      left, op, operand, result = re.fullmatch(r"(\d+) ([-+*]) (\d+) = (\d+)", line).groups()
+      assert int(result) == OPS[op](int(left), int(operand))
+      assert 1 <= int(operand) <= 9 and all(10 <= int(v) < 100 for v in (left, result))
+      seen_ops.add(op)
+  assert seen_ops == {"+", "-"}
+  with pytest.raises(ValueError, match="drill_lines"):
+    DemoConfig(drill_lines=0)
 
 
 def test_prepare_demo_data_writes_drills_beside_the_problems(tmp_path):
-    data = prepare_demo_data(tmp_path, CONFIG)
-    for split in SPLITS:
-        assert data.records(split, "drill") == demo_task.drill_records(CONFIG, split)
-    with pytest.raises(ValueError, match="record kind"):
-        data.records("train", "rl")
+  data = prepare_demo_data(tmp_path, CONFIG)
+  for split in SPLITS:
+    assert data.records(split, "drill") == demo_task.drill_records(CONFIG, split)
+  with pytest.raises(ValueError, match="record kind"):
+    data.records("train", "rl")
 
 
 def test_error_kind_names_an_unreadable_line():
-    with pytest.raises(ValueError, match="not a demo solution line: 'Step 1: twelve'"):
-        demo_task.error_kind("Start with 12. Add 3. What is the result?", "Step 1: twelve\nThe answer is 15.")
+  with pytest.raises(ValueError, match="not a demo solution line: 'Step 1: twelve'"):
+    demo_task.error_kind("Start with 12. Add 3. What is the result?", "Step 1: twelve\nThe answer is 15.")

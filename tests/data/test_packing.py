@@ -18,16 +18,20 @@ def synthetic_examples(count: int, seed: int = 0, median: float = 20.0) -> list[
   """Examples with log-normal lengths in 1..MAX_LENGTH; each token id names its example."""
   rng = np.random.default_rng(seed)
   lengths = np.clip(rng.lognormal(np.log(median), 0.7, count).astype(int), 1, MAX_LENGTH)
-  return [{
-      "inputs": np.full((n,), i, np.int32),
-      "weights": rng.integers(0, 2, n).astype(np.float32),
-      "stats": np.asarray([1], np.int32),
-  } for i, n in enumerate(lengths)]
+  return [
+      {
+          "inputs": np.full((n,), i, np.int32),
+          "weights": rng.integers(0, 2, n).astype(np.float32),
+          "stats": np.asarray([1], np.int32),
+      }
+      for i, n in enumerate(lengths)
+  ]
 
 
 def window_packed(examples, window: int, seed: int = 0) -> grain.IterDataset:
-  return packing.WindowPackIterDataset(grain.MapDataset.source(examples).to_iter_dataset(),
-                                       max_length=MAX_LENGTH, window=window, seed=seed)
+  return packing.WindowPackIterDataset(
+      grain.MapDataset.source(examples).to_iter_dataset(), max_length=MAX_LENGTH, window=window, seed=seed
+  )
 
 
 def unpack(row) -> list[tuple]:
@@ -104,10 +108,16 @@ def test_rows_come_in_a_seeded_order_that_does_not_follow_length():
 def test_packs_tighter_than_grains_online_first_fit():
   examples = synthetic_examples(2000)
   ours = len(list(window_packed(examples, 500)))
-  theirs = len(list(grain.experimental.FirstFitPackIterDataset(
-      grain.MapDataset.source(examples).to_iter_dataset(),
-      length_struct={"inputs": MAX_LENGTH, "weights": MAX_LENGTH, "stats": MAX_LENGTH},
-      num_packing_bins=16, meta_features=("weights", "stats"))))
+  theirs = len(
+      list(
+          grain.experimental.FirstFitPackIterDataset(
+              grain.MapDataset.source(examples).to_iter_dataset(),
+              length_struct={"inputs": MAX_LENGTH, "weights": MAX_LENGTH, "stats": MAX_LENGTH},
+              num_packing_bins=16,
+              meta_features=("weights", "stats"),
+          )
+      )
+  )
   lengths = [len(ex["inputs"]) for ex in examples]
   lower_bound = max(math.ceil(sum(lengths) / MAX_LENGTH), sum(n > MAX_LENGTH // 2 for n in lengths))
   assert ours < theirs

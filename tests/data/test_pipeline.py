@@ -23,10 +23,17 @@ NUM_TRAIN = 40  # small, and odd halves would also work: shards may differ by on
 def data_config(data_dir, **changes):
   config = base.get_config().data
   config.data_dir = str(data_dir)
-  config.update_from_flattened_dict({
-      "demo.num_train": NUM_TRAIN, "demo.num_validation": 8, "demo.num_test": 8,
-      "max_length": 512, "mixture": "demo_cft:1", "chat_template": "plain", **changes,
-  })
+  config.update_from_flattened_dict(
+      {
+          "demo.num_train": NUM_TRAIN,
+          "demo.num_validation": 8,
+          "demo.num_test": 8,
+          "max_length": 512,
+          "mixture": "demo_cft:1",
+          "chat_template": "plain",
+          **changes,
+      }
+  )
   return config
 
 
@@ -43,8 +50,9 @@ def build(demo, rows=2, train=True, process_index=0, process_count=1, **changes)
   data_dir, tokenizer, _ = demo
   config = data_config(data_dir, **changes)
   sources = sources_lib.load_sources(config, "train")
-  return pipeline.make_dataset(config, sources, tokenizer, rows=rows, train=train,
-                               process_index=process_index, process_count=process_count)
+  return pipeline.make_dataset(
+      config, sources, tokenizer, rows=rows, train=train, process_index=process_index, process_count=process_count
+  )
 
 
 def segments(batch) -> list[tuple]:
@@ -54,8 +62,14 @@ def segments(batch) -> list[tuple]:
     seg = batch["inputs_segment_ids"][row]
     for sid in range(1, int(seg.max()) + 1):
       at = seg == sid
-      out.append((tuple(batch["inputs"][row][at]), tuple(batch["targets"][row][at]),
-                  tuple(batch["weights"][row][at]), int(batch["source_ids"][row][at][0])))
+      out.append(
+          (
+              tuple(batch["inputs"][row][at]),
+              tuple(batch["targets"][row][at]),
+              tuple(batch["weights"][row][at]),
+              int(batch["source_ids"][row][at][0]),
+          )
+      )
   return out
 
 
@@ -157,7 +171,7 @@ def test_packing_restarts_positions_per_example_and_loses_nothing(demo):
       seg, pos = b["inputs_segment_ids"][row], b["inputs_positions"][row]
       used = seg > 0
       # Segments are 1..k, contiguous from the row start; padding (0) comes last.
-      assert used[: used.sum()].all() and not used[used.sum():].any()
+      assert used[: used.sum()].all() and not used[used.sum() :].any()
       assert np.all(np.diff(seg[used]) >= 0) and set(seg[used]) == set(range(1, int(seg.max()) + 1))
       for sid in range(1, int(seg.max()) + 1):
         assert pos[seg == sid].tolist() == list(range(int(np.sum(seg == sid))))
@@ -210,8 +224,15 @@ def test_pad_rows_and_model_inputs(demo):
   padded = pipeline.pad_rows({k: v[:1] for k, v in batch.items()}, 2)
   assert all(v.shape[0] == 2 for v in padded.values())
   assert not padded["weights"][1].any() and not padded["inputs_segment_ids"][1].any()
-  assert set(pipeline.model_inputs(batch)) == {"inputs", "positions", "segment_ids", "targets", "weights",
-                                               "objective_ids", "source_ids"}
+  assert set(pipeline.model_inputs(batch)) == {
+      "inputs",
+      "positions",
+      "segment_ids",
+      "targets",
+      "weights",
+      "objective_ids",
+      "source_ids",
+  }
 
 
 # ------------------------------------------------------------------------------ iterator state

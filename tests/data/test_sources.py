@@ -14,22 +14,29 @@ from configs import base
 def data_config(data_dir, **changes):
   config = base.get_config().data
   config.data_dir = str(data_dir)
-  config.update_from_flattened_dict({"demo.num_train": 24, "demo.num_validation": 4, "demo.num_test": 4,
-                                     "max_length": 256, **changes})
+  config.update_from_flattened_dict(
+      {"demo.num_train": 24, "demo.num_validation": 4, "demo.num_test": 4, "max_length": 256, **changes}
+  )
   return config
 
 
 def test_parse_mixture():
   assert sources_lib.parse_mixture(" a:2, b:0.5 ,c") == [
-      sources_lib.MixtureEntry("a", 2.0), sources_lib.MixtureEntry("b", 0.5), sources_lib.MixtureEntry("c", 1.0)]
+      sources_lib.MixtureEntry("a", 2.0),
+      sources_lib.MixtureEntry("b", 0.5),
+      sources_lib.MixtureEntry("c", 1.0),
+  ]
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("a:x", r"data.mixture: weight 'x' of 'a' is not a number"),
-    ("a:0", r"data.mixture: weight of 'a' must be positive"),
-    (" , ", r"data.mixture is empty"),
-    ("a:1,a:2", r"data.mixture names a source twice"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("a:x", r"data.mixture: weight 'x' of 'a' is not a number"),
+        ("a:0", r"data.mixture: weight of 'a' must be positive"),
+        (" , ", r"data.mixture is empty"),
+        ("a:1,a:2", r"data.mixture names a source twice"),
+    ],
+)
 def test_bad_mixture_names_the_key(spec, message):
   with pytest.raises(ValueError, match=message):
     sources_lib.parse_mixture(spec)
@@ -40,7 +47,10 @@ def test_demo_sources_and_tokenizer(tmp_path):
   prepared = sources_lib.prepare(config)
   sources = sources_lib.load_sources(config, "train", prepared)
   assert [(s.name, s.weight, len(s.records)) for s in sources] == [
-      ("demo_cft", 3.0, 24), ("demo_sft", 1.0, 24), ("demo_drill", 2.0, 24)]
+      ("demo_cft", 3.0, 24),
+      ("demo_sft", 1.0, 24),
+      ("demo_drill", 2.0, 24),
+  ]
   assert {r["objective"] for r in sources[0].records} == {"cft"}
   assert {r["objective"] for r in sources[1].records} == {"sft"}
   assert {r["query"] for r in sources[2].records} == {"Practice: work out each line."}
@@ -67,8 +77,17 @@ def test_prepared_tfds_datasets_mix_into_training_batches(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
-  cft = write("cft", [{"query": f"What is {i} + {i}?", "response": f"{i + i + i % 2}",
-                       "critique": f"Checked.\nConclusion: {'right' if i % 2 == 0 else 'wrong'}"} for i in range(30)])
+  cft = write(
+      "cft",
+      [
+          {
+              "query": f"What is {i} + {i}?",
+              "response": f"{i + i + i % 2}",
+              "critique": f"Checked.\nConclusion: {'right' if i % 2 == 0 else 'wrong'}",
+          }
+          for i in range(30)
+      ],
+  )
   sft = write("sft", [{"query": f"What is {i} * 2?", "response": f"{2 * i}"} for i in range(20)])
   data_dir = tmp_path / "tfds"
   tfds_builder.build_dataset([cft], format="triples", name="my_cft", data_dir=data_dir, validation_fraction=0.0)

@@ -12,8 +12,11 @@ BASE = "runs/experiment/base"
 
 
 def all_arm_configs(config):
-  return {(arm.name, seed): arms.arm_config(config.recipe, arm, seed, BASE, TOKENIZER, config.arm_steps)
-          for arm in arms.parse_arms(config.arms) for seed in arms.parse_seeds(config.seeds)}
+  return {
+      (arm.name, seed): arms.arm_config(config.recipe, arm, seed, BASE, TOKENIZER, config.arm_steps)
+      for arm in arms.parse_arms(config.arms)
+      for seed in arms.parse_seeds(config.seeds)
+  }
 
 
 def test_default_experiment_has_the_issues_arms_and_two_seeds():
@@ -56,19 +59,29 @@ def test_stages_follow_the_recipe():
   for stage in (base, arm):
     assert stage.model.hidden_size == 96 and stage.optim.learning_rate == 1e-3
   assert arms.differing_keys(config.recipe, base) <= {
-      "name", "data.source", "data.data_dir", "data.mixture", "data.tokenizer", "train.num_steps",
-      "train.eval_generation_examples", "checkpoint.best_metric"}
+      "name",
+      "data.source",
+      "data.data_dir",
+      "data.mixture",
+      "data.tokenizer",
+      "train.num_steps",
+      "train.eval_generation_examples",
+      "checkpoint.best_metric",
+  }
   assert base.model.init_from == config.recipe.model.init_from
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("sft,cft", "needs a flawed-critique fraction"),
-    ("sft:0.2", "no flawed fraction"),
-    ("rl:0.1", "is not one of"),
-    ("cft:1.5", "must be in"),
-    ("cft:0.2,cft:0.2", "names an arm twice"),
-    ("", "is empty"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("sft,cft", "needs a flawed-critique fraction"),
+        ("sft:0.2", "no flawed fraction"),
+        ("rl:0.1", "is not one of"),
+        ("cft:1.5", "must be in"),
+        ("cft:0.2,cft:0.2", "names an arm twice"),
+        ("", "is empty"),
+    ],
+)
 def test_bad_arm_specs_fail_naming_the_key(spec, message):
   with pytest.raises(ValueError, match=f"config key arms.*{message}|{message}"):
     arms.parse_arms(spec)

@@ -17,7 +17,8 @@ def test_base_pool_is_disjoint_from_arm_training_and_test_problems():
     assert not base_queries & {r["query"] for r in splits[split]}, split
   # The arms' problems are unchanged by the longer stream the pool is drawn from.
   assert [r["query"] for r in splits["train"]] == [
-      r["query"] for r in demo_task.generate_split(base_data.base_pool_config(DEMO, 200, 0.3), "train")[:300]]
+      r["query"] for r in demo_task.generate_split(base_data.base_pool_config(DEMO, 200, 0.3), "train")[:300]
+  ]
 
 
 def test_base_solutions_are_partly_wrong_in_the_answer_format():

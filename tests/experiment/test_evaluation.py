@@ -5,14 +5,30 @@ import pytest
 from cftjax.experiment import evaluation
 
 RECORDS = [  # the demo test split's shape: query, a noisy response, its true label, the answer
-    {"query": "Start with 2. Add 3. What is the result?", "response": "Step 1: 2 + 3 = 5\nThe answer is 5.",
-     "label": "right", "answer": "5"},
-    {"query": "Start with 4. Add 1. What is the result?", "response": "Step 1: 4 + 1 = 6\nThe answer is 6.",
-     "label": "wrong", "answer": "5"},
-    {"query": "Start with 3. Multiply by 3. What is the result?", "response": "Step 1: 3 * 3 = 9\nThe answer is 9.",
-     "label": "right", "answer": "9"},
-    {"query": "Start with 7. Subtract 2. What is the result?", "response": "Step 1: 7 - 2 = 4\nThe answer is 4.",
-     "label": "wrong", "answer": "5"},
+    {
+        "query": "Start with 2. Add 3. What is the result?",
+        "response": "Step 1: 2 + 3 = 5\nThe answer is 5.",
+        "label": "right",
+        "answer": "5",
+    },
+    {
+        "query": "Start with 4. Add 1. What is the result?",
+        "response": "Step 1: 4 + 1 = 6\nThe answer is 6.",
+        "label": "wrong",
+        "answer": "5",
+    },
+    {
+        "query": "Start with 3. Multiply by 3. What is the result?",
+        "response": "Step 1: 3 * 3 = 9\nThe answer is 9.",
+        "label": "right",
+        "answer": "9",
+    },
+    {
+        "query": "Start with 7. Subtract 2. What is the result?",
+        "response": "Step 1: 7 - 2 = 4\nThe answer is 4.",
+        "label": "wrong",
+        "answer": "5",
+    },
 ]
 # The stub model's own direct answers: right, wrong, wrong, right.
 OWN_ANSWERS = {
@@ -42,8 +58,14 @@ class StubModel:
 
 
 def run(stub):
-  return evaluation.evaluate_model(RECORDS, stub.answer_prompt, stub.critique_prompt, stub.generate,
-                                   answer_max_new_tokens=11, critique_max_new_tokens=22)
+  return evaluation.evaluate_model(
+      RECORDS,
+      stub.answer_prompt,
+      stub.critique_prompt,
+      stub.generate,
+      answer_max_new_tokens=11,
+      critique_max_new_tokens=22,
+  )
 
 
 @pytest.mark.parametrize("said", ["right", "wrong"])

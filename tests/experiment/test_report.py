@@ -13,14 +13,25 @@ def critique(tp, fp, fn, tn, unparsed=0):
 
 
 def stage(seed, correct, crit, self_crit):
-  return {"seed": seed, "summary": {"answer": {"correct": correct, "n": 10, "accuracy": correct / 10},
-                                    "critique": crit, "self_critique": self_crit},
-          "train": {"steps": 5, "token_budget": 100, "target_tokens": 40.0, "final_loss": 1.0, "mixture": "m"}}
+  return {
+      "seed": seed,
+      "summary": {
+          "answer": {"correct": correct, "n": 10, "accuracy": correct / 10},
+          "critique": crit,
+          "self_critique": self_crit,
+      },
+      "train": {"steps": 5, "token_budget": 100, "target_tokens": 40.0, "final_loss": 1.0, "mixture": "m"},
+  }
 
 
 def test_seeds_are_pooled_by_counts_with_a_wilson_interval(tmp_path):
-  row = report.aggregate_arm("cft_f0.2", [stage(0, 3, critique(4, 1, 1, 4), critique(0, 0, 5, 5)),
-                                          stage(1, 6, critique(2, 2, 3, 3), critique(0, 0, 4, 5, unparsed=1))])
+  row = report.aggregate_arm(
+      "cft_f0.2",
+      [
+          stage(0, 3, critique(4, 1, 1, 4), critique(0, 0, 5, 5)),
+          stage(1, 6, critique(2, 2, 3, 3), critique(0, 0, 4, 5, unparsed=1)),
+      ],
+  )
   assert row["answer_accuracy"] == stats.proportion(9, 20)
   assert row["answer_accuracy"]["low"] == pytest.approx(stats.wilson_interval(9, 20)[0])
   assert row["critique_accuracy"]["successes"] == 4 + 4 + 2 + 3 and row["critique_accuracy"]["trials"] == 20
@@ -41,6 +52,8 @@ def test_seeds_are_pooled_by_counts_with_a_wilson_interval(tmp_path):
   metrics = tmp_path / "metrics.jsonl"
   metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 1, "val_loss": 9.0}\n{"step": 2, "loss": 1.5}\n{"st')
   assert report.read_losses(metrics) == ([1, 2], [2.0, 1.5])
-  for path in (report.plot_losses(tmp_path / "loss.png", {"cft_f0.2": [("cft_f0.2 seed 0", metrics)]}),
-               report.plot_accuracy(tmp_path / "accuracy.png", [row])):
+  for path in (
+      report.plot_losses(tmp_path / "loss.png", {"cft_f0.2": [("cft_f0.2 seed 0", metrics)]}),
+      report.plot_accuracy(tmp_path / "accuracy.png", [row]),
+  ):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

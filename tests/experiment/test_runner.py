@@ -14,21 +14,39 @@ from configs import experiment
 
 ONE_DEVICE = jax.devices()[:1]
 TINY_RECIPE = {
-    "data.demo.num_train": 200, "data.demo.num_validation": 8, "data.demo.num_test": 8,
-    "data.max_length": 256, "model.hidden_size": 32, "model.num_layers": 1, "model.num_heads": 2,
-    "model.num_kv_heads": 1, "model.head_dim": 16, "model.intermediate_size": 64,
-    "train.eval_every": 0, "train.log_every": 1, "checkpoint.every_steps": 1000, "mesh.data": 1,
+    "data.demo.num_train": 200,
+    "data.demo.num_validation": 8,
+    "data.demo.num_test": 8,
+    "data.max_length": 256,
+    "model.hidden_size": 32,
+    "model.num_layers": 1,
+    "model.num_heads": 2,
+    "model.num_kv_heads": 1,
+    "model.head_dim": 16,
+    "model.intermediate_size": 64,
+    "train.eval_every": 0,
+    "train.log_every": 1,
+    "checkpoint.every_steps": 1000,
+    "mesh.data": 1,
 }
 
 
 def tiny_config(data_dir):
   config = experiment.get_config()
   config.recipe.update_from_flattened_dict({**TINY_RECIPE, "data.data_dir": str(data_dir)})
-  config.update_from_flattened_dict({
-      "arms": "sft,cft:0.2,mix:0.2", "seeds": "0", "arm_steps": 2, "base.num_steps": 2, "base.num_problems": 64,
-      "evaluation.num_test": 3, "evaluation.answer_max_new_tokens": 4, "evaluation.critique_max_new_tokens": 4,
-      "evaluation.batch_size": 3,
-  })
+  config.update_from_flattened_dict(
+      {
+          "arms": "sft,cft:0.2,mix:0.2",
+          "seeds": "0",
+          "arm_steps": 2,
+          "base.num_steps": 2,
+          "base.num_problems": 64,
+          "evaluation.num_test": 3,
+          "evaluation.answer_max_new_tokens": 4,
+          "evaluation.critique_max_new_tokens": 4,
+          "evaluation.batch_size": 3,
+      }
+  )
   return config
 
 
@@ -106,11 +124,13 @@ def test_progress_names_the_stage_and_estimates_the_rest_from_timed_stages(monke
     def work():
       now[0] += seconds
       return did_work
+
     return work
 
   out = io.StringIO()
-  progress = runner.Progress([("train", "base", 10), ("eval", "base", 1), ("train", "sft seed 0", 20),
-                              ("eval", "sft seed 0", 1)], stream=out)
+  progress = runner.Progress(
+      [("train", "base", 10), ("eval", "base", 1), ("train", "sft seed 0", 20), ("eval", "sft seed 0", 1)], stream=out
+  )
   progress.run(0, takes(100.0))  # 10 steps in 100 s
   progress.run(1, takes(30.0))  # one evaluation in 30 s
   assert progress.eta_seconds() == (20 * 10.0 + 30.0, False)

@@ -12,13 +12,16 @@ def test_wilson_matches_scipy(successes, trials):
   assert stats.wilson_interval(successes, trials) == pytest.approx((expected.low, expected.high), abs=1e-12)
 
 
-@pytest.mark.parametrize("successes, trials, low, high", [
-    # Newcombe (1998), Statistics in Medicine 17:857-872, Table II, method 3 (Wilson score).
-    (81, 263, 0.2553, 0.3662),
-    (15, 148, 0.0624, 0.1605),
-    (0, 20, 0.0000, 0.1611),
-    (1, 29, 0.0061, 0.1718),
-])
+@pytest.mark.parametrize(
+    "successes, trials, low, high",
+    [
+        # Newcombe (1998), Statistics in Medicine 17:857-872, Table II, method 3 (Wilson score).
+        (81, 263, 0.2553, 0.3662),
+        (15, 148, 0.0624, 0.1605),
+        (0, 20, 0.0000, 0.1611),
+        (1, 29, 0.0061, 0.1718),
+    ],
+)
 def test_wilson_matches_published_values(successes, trials, low, high):
   assert stats.wilson_interval(successes, trials) == pytest.approx((low, high), abs=1e-4)
 
