@@ -55,5 +55,6 @@ def test_every_imported_package_is_declared_and_every_declared_one_used():
       imported |= {d.lower().replace("_", "-") for d in distributions.get(module, [module])}
   declared = declared_distributions()
   assert imported - declared == set(), "imported but not declared in pyproject.toml"
-  runtime_only = {"pytest", "pytest-xdist", "jax"}  # test runner; jax[tpu]/[cuda] extras repeat jax
+  # Tools run as commands (the test runner, the formatter); jax[tpu]/[cuda] extras repeat jax.
+  runtime_only = {"pytest", "pytest-xdist", "pyink", "jax"}
   assert declared - imported - runtime_only == set(), "declared but never imported"
