@@ -25,6 +25,7 @@ def get_config():
   model.intermediate_size = 512
   model.rope_theta = 10000.0
   model.tie_embeddings = False
+  model.loss_chunk_size = 0  # a 512-token vocabulary: whole logits are 4 MB; chunks would only recompute the head
 
   data = config.data
   data.source = "demo"
