@@ -88,7 +88,8 @@ def get_config() -> ml_collections.ConfigDict:
   data.read_buffer_size = 64
   # Mixture: comma-separated "name:weight" entries, e.g. "webinstruct_cft:1,my_sft:0.5".
   # Each record says its own objective (cft or sft). For source=demo the names are
-  # demo_cft / demo_sft. Metrics report loss per objective and per source.
+  # demo_cft / demo_sft / demo_drill (arithmetic practice). Metrics report loss per objective
+  # and per source.
   data.mixture = "demo_cft:1.0"
   data.validation_split = "validation"
   # The embedded demo task (source=demo).
