@@ -66,6 +66,9 @@ class DemoConfig:
   min_steps: int = 3
   max_steps: int = 5
   error_fraction: float = 0.5
+  # The train split's share of wrong responses when >= 0 (else error_fraction): more failing
+  # checks to learn from, while validation and test keep error_fraction.
+  train_error_fraction: float = -1.0
   flawed_critique_fraction: float = 0.2
   vocab_size: int = 512  # upper bound for the demo SentencePiece model
   # The task's difficulty: every value stays in [min_value, max_value) (min_value 10 and
@@ -90,6 +93,10 @@ class DemoConfig:
       raise ValueError(
           f"DemoConfig needs 1 <= min_steps <= max_steps, got min_steps={self.min_steps}, "
           f"max_steps={self.max_steps}"
+      )
+    if self.train_error_fraction > 1.0:
+      raise ValueError(
+          f"DemoConfig.train_error_fraction must be <= 1 (< 0: error_fraction), got {self.train_error_fraction}"
       )
     for name in ("error_fraction", "flawed_critique_fraction"):
       if not 0.0 <= getattr(self, name) <= 1.0:
@@ -520,6 +527,8 @@ def _split_problems(config: DemoConfig, splits: Sequence[str]) -> dict[str, list
 
 def _split_records(config: DemoConfig, split: str, problems: Sequence[Problem]) -> list[dict[str, str]]:
   noise_rng = random.Random(f"cftjax-demo:{config.seed}:{split}:noise")
+  use_train_share = split == "train" and config.train_error_fraction >= 0
+  error_fraction = config.train_error_fraction if use_train_share else config.error_fraction
   critique_rng = random.Random(f"cftjax-demo:{config.seed}:{split}:critiques")
   num_flawed = round(config.flawed_critique_fraction * len(problems))
   order = list(range(len(problems)))
@@ -528,7 +537,7 @@ def _split_records(config: DemoConfig, split: str, problems: Sequence[Problem]) 
   records = []
   for index, problem in enumerate(problems):
     steps: Sequence[Step] = problem.solution
-    is_right = noise_rng.random() >= config.error_fraction
+    is_right = noise_rng.random() >= error_fraction
     if not is_right:
       noisy = _inject_error(noise_rng, problem, config)
       if noisy is None:  # never seen in 100k problems; fail loudly rather than skew labels

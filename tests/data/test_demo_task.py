@@ -375,3 +375,14 @@ def test_prepare_demo_data_writes_drills_beside_the_problems(tmp_path):
 def test_error_kind_names_an_unreadable_line():
   with pytest.raises(ValueError, match="not a demo solution line: 'Step 1: twelve'"):
     demo_task.error_kind("Start with 12. Add 3. What is the result?", "Step 1: twelve\nThe answer is 15.")
+
+
+def test_train_error_fraction_changes_only_the_train_split():
+  config = dataclasses.replace(EASY, error_fraction=0.5, train_error_fraction=0.9)
+  splits = generate_splits(config)
+  baseline = generate_splits(dataclasses.replace(config, train_error_fraction=-1.0))
+  assert splits["test"] == baseline["test"] and splits["validation"] == baseline["validation"]
+  wrong_share = sum(r["label"] == "wrong" for r in splits["train"]) / len(splits["train"])
+  assert 0.85 <= wrong_share <= 0.95, wrong_share
+  with pytest.raises(ValueError, match="train_error_fraction"):
+    DemoConfig(train_error_fraction=1.5)
