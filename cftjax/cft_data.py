@@ -119,19 +119,9 @@ def chunk_seed(seed: int, first_problem: int) -> int:
 
 
 def _generate_texts(loaded, prompts: list[list[int]], sampling, batch_size: int, progress: bool) -> list[str]:
-  from cftjax.generate import generate
+  from cftjax import evaluate  # jax only when a model samples
 
-  outputs = generate(
-      loaded.model,
-      loaded.params,
-      prompts,
-      sampling,
-      batch_size=batch_size,
-      mesh=loaded.mesh,
-      progress=progress,
-      decode=loaded.tokenizer.decode,
-  )
-  return [loaded.tokenizer.decode(ids) for ids in outputs]
+  return evaluate.generate_texts(loaded, prompts, sampling, batch_size, progress)
 
 
 def model_sampler(

@@ -83,9 +83,10 @@ def critique_prompt(question: str, response: str, loaded: LoadedModel) -> list[i
   return _prompt([Turn("user", objectives.cft_user_text(question, response))], loaded)
 
 
-def _generate(
+def generate_texts(
     loaded: LoadedModel, prompts: list[list[int]], sampling: SamplingConfig, batch_size: int, progress: bool
 ) -> list[str]:
+  """Generated texts for token prompts, batched with the KV cache on the loaded model's mesh."""
   outputs = generate(
       loaded.model,
       loaded.params,
@@ -146,12 +147,14 @@ def run_demo(
 
   records = sources.prepare(loaded.config.data).records(split, "cft")[:limit]
   answer_examples = [{"id": i, "question": r["query"], "answer": r["answer"]} for i, r in enumerate(records)]
-  answer_out = _generate(loaded, [answer_prompt(r["query"], loaded) for r in records], sampling, batch_size, progress)
+  answer_out = generate_texts(
+      loaded, [answer_prompt(r["query"], loaded) for r in records], sampling, batch_size, progress
+  )
   answers, answer_summary = answer_rows(answer_examples, answer_out)
   critique_examples = [
       {"id": i, "question": r["query"], "response": r["response"], "label": r["label"]} for i, r in enumerate(records)
   ]
-  critique_out = _generate(
+  critique_out = generate_texts(
       loaded, [critique_prompt(r["query"], r["response"], loaded) for r in records], sampling, batch_size, progress
   )
   critiques, critique_summary = critique_rows(critique_examples, critique_out)
@@ -211,12 +214,12 @@ def run_math(loaded: LoadedModel, data_path: str, sampling, batch_size, limit, p
   ]
   refs = [{"id": e.id, "question": e.question, "answer": e.reference} for e in examples]
   if num_samples == 1:
-    rows, summary = answer_rows(refs, _generate(loaded, prompts, sampling, batch_size, progress))
+    rows, summary = answer_rows(refs, generate_texts(loaded, prompts, sampling, batch_size, progress))
     return {"math": rows}, summary
   if num_samples < 1:
     raise ValueError(f"--num_samples={num_samples} must be >= 1")
   repeated = [p for p in prompts for _ in range(num_samples)]  # each copy gets its own sampling key
-  flat = _generate(loaded, repeated, sampling, batch_size, progress)
+  flat = generate_texts(loaded, repeated, sampling, batch_size, progress)
   outputs = [flat[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
   rows, summary = sampled_answer_rows(refs, outputs)
   return {"math": rows}, summary
@@ -227,7 +230,7 @@ def run_critique(loaded: LoadedModel, data_path: str, sampling, batch_size, limi
 
   examples = eval_data.load_eval_file(data_path, "critique")[:limit]
   prompts = [critique_prompt(e.question, e.response, loaded) for e in examples]
-  outputs = _generate(loaded, prompts, sampling, batch_size, progress)
+  outputs = generate_texts(loaded, prompts, sampling, batch_size, progress)
   rows, summary = critique_rows(
       [{"id": e.id, "question": e.question, "response": e.response, "label": e.label} for e in examples], outputs
   )

@@ -307,7 +307,7 @@ def test_imported_chat_model_is_prompted_in_its_own_template(model_dirs, tmp_pat
     )
     prompt = evaluate.answer_prompt(question, loaded, system="Reason step by step.")
     assert prompt == expected_prompt
-    ours = evaluate._generate(loaded, [prompt], sampling, batch_size=1, progress=False)[0]
+    ours = evaluate.generate_texts(loaded, [prompt], sampling, batch_size=1, progress=False)[0]
     with torch.no_grad():
       out = model.generate(
           torch.tensor([prompt]),

@@ -9,7 +9,7 @@ answer (evaluate.answer_rows, i.e. cftjax.grading), never from anything a critiq
 
 from typing import Callable, Sequence
 
-from cftjax import evaluate, generate
+from cftjax import evaluate
 
 GenerateTexts = Callable[[list, int], list[str]]
 
@@ -64,18 +64,7 @@ def model_generator(loaded: evaluate.LoadedModel, batch_size: int, progress: boo
   """Greedy batched generation with the KV cache (cftjax.generate) for a loaded model."""
 
   def generate_texts(prompts: list, max_new_tokens: int) -> list[str]:
-    sampling = evaluate.sampling_for(loaded, max_new_tokens)
-    ids = generate.generate(
-        loaded.model,
-        loaded.params,
-        prompts,
-        sampling,
-        batch_size=batch_size,
-        mesh=loaded.mesh,
-        progress=progress,
-        decode=loaded.tokenizer.decode,
-    )
-    return [loaded.tokenizer.decode(x) for x in ids]
+    return evaluate.generate_texts(loaded, prompts, evaluate.sampling_for(loaded, max_new_tokens), batch_size, progress)
 
   return generate_texts
 
