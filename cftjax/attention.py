@@ -24,6 +24,8 @@ SPLASH_MAX_BLOCK = 512  # splash kernel tile along the sequence (q and kv)
 # up to its last row, skipping the masked upper triangle, and its [rows, keys] scores stay
 # in cache. Accelerators take the whole row as one block.
 CPU_CAUSAL_BLOCK = 128
+# Longer rows run their blocks as a rematerialised scan (bounded memory, see _scanned_blocks).
+CPU_SCAN_LENGTH = 2048
 
 
 @flax.struct.dataclass
@@ -96,6 +98,44 @@ def _causal_block(length: int) -> int:
   return min(CPU_CAUSAL_BLOCK, length) if jax.default_backend() == "cpu" else length
 
 
+def _block_attention(q_BxMxRxGxH, k_BxMxKxH, v_BxMxKxH, mask_BxRxK):
+  """R query rows of each (batch, kv head) against K keys, in one batched matmul per side."""
+  batch, num_kv_heads, rows, group, head_dim = q_BxMxRxGxH.shape
+  keys = k_BxMxKxH.shape[2]
+  q = q_BxMxRxGxH.reshape(batch, num_kv_heads, rows * group, head_dim)
+  scores = jnp.einsum("bmqh,bmkh->bmqk", q, k_BxMxKxH, preferred_element_type=jnp.float32) * (head_dim**-0.5)
+  scores = scores.reshape(batch, num_kv_heads, rows, group, keys)
+  scores = jnp.where(mask_BxRxK[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxMxKxH.dtype).reshape(batch, num_kv_heads, rows * group, keys)
+  return jnp.einsum("bmqk,bmkh->bmqh", probs, v_BxMxKxH).reshape(batch, num_kv_heads, rows, group, head_dim)
+
+
+def _scanned_blocks(q_BxMxLxGxH, k_BxMxLxH, v_BxMxLxH, ids_BxL, window: int, block: int):
+  """The blocks of `_xla_causal_attention` as a scan with a rematerialised body, for long
+  rows: one block's [rows, L] scores are live at a time, forward and backward, where the
+  unrolled blocks let XLA keep every block's probabilities of every layer (at length 4096
+  most of the step's memory). Each block scores all L keys under the mask, so it spends
+  twice the unrolled blocks' attention FLOPs."""
+  batch, num_kv_heads, length, group, head_dim = q_BxMxLxGxH.shape
+  num_blocks = length // block
+  q_NxBxMxRxGxH = q_BxMxLxGxH.reshape(batch, num_kv_heads, num_blocks, block, group, head_dim).transpose(
+      2, 0, 1, 3, 4, 5
+  )
+  slots = jnp.arange(length, dtype=jnp.int32)
+
+  @jax.checkpoint
+  def one_block(_, inputs):
+    q_BxMxRxGxH, start = inputs
+    q_slots_R = start + jnp.arange(block, dtype=jnp.int32)
+    q_ids_BxR = jax.lax.dynamic_slice_in_dim(ids_BxL, start, block, axis=1)
+    mask_BxRxK = attention_mask(q_ids_BxR, ids_BxL, jnp.broadcast_to(q_slots_R, (batch, block)), slots, window)[:, 0]
+    return None, _block_attention(q_BxMxRxGxH, k_BxMxLxH, v_BxMxLxH, mask_BxRxK)
+
+  starts = jnp.arange(num_blocks, dtype=jnp.int32) * block
+  _, out_NxBxMxRxGxH = jax.lax.scan(one_block, None, (q_NxBxMxRxGxH, starts))
+  return out_NxBxMxRxGxH.transpose(1, 2, 0, 3, 4, 5).reshape(batch, num_kv_heads, length, group, head_dim)
+
+
 def _xla_causal_attention(q_BxLxNxH, k_BxLxMxH, v_BxLxMxH, segments: CausalSegments, block: int):
   """Causal self-attention in blocks of `block` query rows, each against the keys from the
   first its window can reach to its last row; the mask is built per block from segment ids.
@@ -111,25 +151,28 @@ def _xla_causal_attention(q_BxLxNxH, k_BxLxMxH, v_BxLxMxH, segments: CausalSegme
   k_BxMxLxH, v_BxMxLxH = k_BxLxMxH.transpose(0, 2, 1, 3), v_BxLxMxH.transpose(0, 2, 1, 3)
   ids_BxL = segments.segment_ids_BxL
   slots = jnp.arange(length, dtype=jnp.int32)
+
+  if block < length and length > CPU_SCAN_LENGTH and length % block == 0:
+    out = _scanned_blocks(q_BxMxLxGxH, k_BxMxLxH, v_BxMxLxH, ids_BxL, window, block)
+    return out.transpose(0, 2, 1, 3, 4).reshape(batch, length, num_heads, head_dim)
   outs = []
   for start in range(0, length, block):
     end = min(start + block, length)
     first = max(0, start - window + 1) if window else 0  # keys before `first` are outside every row's window
-    rows = end - start
-    q = q_BxMxLxGxH[:, :, start:end].reshape(batch, num_kv_heads, rows * group, head_dim)
-    k, v = k_BxMxLxH[:, :, first:end], v_BxMxLxH[:, :, first:end]
-    scores = jnp.einsum("bmqh,bmkh->bmqk", q, k, preferred_element_type=jnp.float32) * (head_dim**-0.5)
-    mask_BxQxK = attention_mask(
-        ids_BxL[:, start:end],
-        ids_BxL[:, first:end],
-        jnp.broadcast_to(slots[start:end], (batch, rows)),
-        slots[first:end],
-        window,
-    )[:, 0]
-    scores = scores.reshape(batch, num_kv_heads, rows, group, end - first)
-    scores = jnp.where(mask_BxQxK[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(batch, num_kv_heads, rows * group, end - first)
-    outs.append(jnp.einsum("bmqk,bmkh->bmqh", probs, v).reshape(batch, num_kv_heads, rows, group, head_dim))
+    outs.append(
+        _block_attention(
+            q_BxMxLxGxH[:, :, start:end],
+            k_BxMxLxH[:, :, first:end],
+            v_BxMxLxH[:, :, first:end],
+            attention_mask(
+                ids_BxL[:, start:end],
+                ids_BxL[:, first:end],
+                jnp.broadcast_to(slots[start:end], (batch, end - start)),
+                slots[first:end],
+                window,
+            )[:, 0],
+        )
+    )
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
   return out.transpose(0, 2, 1, 3, 4).reshape(batch, length, num_heads, head_dim)
 

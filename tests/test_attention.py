@@ -382,10 +382,15 @@ def test_rope_matches_the_reference_and_depends_only_on_relative_position():
     "num_heads, num_kv_heads, length, block, window",
     [(4, 2, 96, 32, 0), (3, 1, 100, 32, 0), (4, 4, 96, 96, 0), (4, 2, 96, 16, 24), (2, 1, 70, 32, 40)],
 )
-def test_blocked_causal_attention_equals_dense_xla_attention(num_heads, num_kv_heads, length, block, window):
+@pytest.mark.parametrize("scanned", [False, True])
+def test_blocked_causal_attention_equals_dense_xla_attention(
+    num_heads, num_kv_heads, length, block, window, scanned, monkeypatch
+):
   """Self-attention in query blocks (CPU) skips keys no row of a block may see; values and
   gradients equal the dense-mask attention on packed rows, with GQA/MQA, a length that is not
-  a multiple of the block and sliding windows."""
+  a multiple of the block and sliding windows; also as the rematerialised scan long rows take."""
+  if scanned:
+    monkeypatch.setattr(attention, "CPU_SCAN_LENGTH", 0)
   rng = np.random.default_rng(length + block)
   q = rng.standard_normal((3, length, num_heads, 16)).astype(np.float32)
   k, v = (rng.standard_normal((3, length, num_kv_heads, 16)).astype(np.float32) for _ in range(2))
@@ -423,3 +428,22 @@ def test_xla_self_attention_runs_in_blocks_on_cpu(monkeypatch):
   assert dots() == 2 * 3
   monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
   assert dots() == 2
+
+
+def test_long_rows_keep_one_blocks_scores_live_in_the_backward_pass(monkeypatch):
+  """Long rows scan their blocks with the scores rematerialised: the compiled gradient's
+  temporaries stay under the [heads, L, L] causal probabilities, which the unrolled blocks
+  keep more than twice over."""
+  length, heads = 1024, 4
+  q = jnp.zeros((1, length, heads, 16))
+  mask = attention.CausalSegments(jnp.ones((1, length), jnp.int32))
+  loss = lambda q: jnp.sum(attention._xla_causal_attention(q, q, q, mask, 64) ** 2)
+
+  def temporaries():
+    return jax.jit(jax.grad(loss)).lower(q).compile().memory_analysis().temp_size_in_bytes
+
+  probs_bytes = heads * length * length * 4 // 2  # the causal half, float32
+  unrolled = temporaries()
+  monkeypatch.setattr(attention, "CPU_SCAN_LENGTH", 512)
+  scanned = temporaries()
+  assert scanned < probs_bytes < unrolled / 2, (scanned, probs_bytes, unrolled)
