@@ -102,6 +102,7 @@ def get_config() -> ml_collections.ConfigDict:
   demo.max_steps = 5
   demo.error_fraction = 0.5  # Share of noisy responses that carry an injected error.
   demo.train_error_fraction = -1.0  # The train split's share when >= 0 (validation/test keep the above).
+  demo.train_step_error_rate = 0.0  # > 0: wrong train responses have each step wrong with this probability.
   demo.flawed_critique_fraction = 0.2  # Share of deliberately flawed critiques.
   demo.vocab_size = 512  # SentencePiece vocabulary trained on the demo corpus.
   # Difficulty: values stay in [min_value, max_value) (10 and 100: every number two digits); start values in [2, max_start]; add and

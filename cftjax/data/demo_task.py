@@ -10,12 +10,16 @@ right or wrong, stays in [0, 1000) so numbers tokenize in at most three digits.
   solution: "Step 1: 17 + 5 = 22\\nStep 2: 22 * 3 = 66\\nStep 3: 66 - 8 = 58\\nThe answer is 58."
 
 A CFT record critiques a noisy response: with probability `error_fraction` the response holds
-exactly one injected error (a wrong result, a misread operand or a miscopied previous value) and later steps carry the
-wrong value forward with correct arithmetic, so its final answer is wrong. The critique
-checks each step up to the first wrong one, gives that step's correct value, states the
-correct final answer and ends with "Conclusion: right" / "Conclusion: wrong". Like the
-teacher critiques in the CFT paper, a fixed share (`flawed_critique_fraction`) of critiques
-reach the wrong verdict; those records carry "critique_flawed": "1".
+exactly one injected error (a wrong result, a misread operand or a miscopied previous value)
+and later steps carry the wrong value forward with correct arithmetic, so its final answer is
+wrong. The critique checks every step on its own: the written line, the line its written input
+and the question's operation give, "ok" or "wrong"
+("Step 2: 86 - 6 = 80, expected 86 - 5 = 81: wrong."); then it names the first wrong step with
+its correct line, redoes the solution from there, states the correct final answer and ends with
+"Conclusion: right" / "Conclusion: wrong". Like the teacher critiques in the CFT paper, a fixed
+share (`flawed_critique_fraction`) of critiques reach the wrong verdict; those records carry
+"critique_flawed": "1". `train_step_error_rate` gives training responses several errors, so
+more of the checks the model learns from fail.
 
 Splits never share a problem: each problem's canonical form is hashed into a fixed bucket
 (90% train, 5% validation, 5% test), so a split's contents do not depend on the other
@@ -50,7 +54,7 @@ _OPERAND_SLIPS = (-2, -1, 1, 2)
 _PHRASES = {"+": "add", "-": "subtract", "*": "multiply by"}
 _OPS_BY_PHRASE = {phrase: op for op, phrase in _PHRASES.items()}
 # Bump when the generated text or file layout changes, so old caches are not reused.
-DATA_FORMAT_VERSION = 5
+DATA_FORMAT_VERSION = 6
 DRILL_QUERY = "Practice: work out each line."
 # The CFT paper's instruction; fed to tokenizer training so the prompt tokenizes compactly.
 
@@ -69,6 +73,10 @@ class DemoConfig:
   # The train split's share of wrong responses when >= 0 (else error_fraction): more failing
   # checks to learn from, while validation and test keep error_fraction.
   train_error_fraction: float = -1.0
+  # When > 0, a wrong train response has each step wrong with this probability (at least
+  # one is) instead of exactly one error: the critique checks every step, so this sets how
+  # many of the training checks fail.
+  train_step_error_rate: float = 0.0
   flawed_critique_fraction: float = 0.2
   vocab_size: int = 512  # upper bound for the demo SentencePiece model
   # The task's difficulty: every value stays in [min_value, max_value) (min_value 10 and
@@ -98,7 +106,7 @@ class DemoConfig:
       raise ValueError(
           f"DemoConfig.train_error_fraction must be <= 1 (< 0: error_fraction), got {self.train_error_fraction}"
       )
-    for name in ("error_fraction", "flawed_critique_fraction"):
+    for name in ("error_fraction", "flawed_critique_fraction", "train_step_error_rate"):
       if not 0.0 <= getattr(self, name) <= 1.0:
         raise ValueError(f"DemoConfig.{name} must be in [0, 1], got {getattr(self, name)}")
     if not max(2, self.min_value) <= self.max_start < self.max_value:
@@ -289,6 +297,25 @@ def _propagate(problem: Problem, steps: list[Step], from_index: int, config: Dem
   return steps
 
 
+def _corrupt(rng: random.Random, step: Step, index: int, config: DemoConfig) -> Step | None:
+  """`step` with one error of a random kind, or None if the draw does not apply or leaves
+  the value range."""
+  kind = rng.choice(config.error_kinds)
+  if kind == "arithmetic":
+    wrong = dataclasses.replace(step, result=step.result + rng.choice(config.arithmetic_slips))
+  elif kind == "carried":
+    left = step.left + rng.choice(config.arithmetic_slips)
+    if index == 0 or not _in_range(left, config):
+      return None
+    wrong = dataclasses.replace(step, left=left, result=_apply(step.op, left, step.operand))
+  else:
+    operand = step.operand + rng.choice(_OPERAND_SLIPS)
+    if operand < (2 if step.op == "*" else 1):
+      return None
+    wrong = dataclasses.replace(step, operand=operand, result=_apply(step.op, step.left, operand))
+  return wrong if _in_range(wrong.result, config) else None
+
+
 def _inject_error(
     rng: random.Random, problem: Problem, config: DemoConfig, max_tries: int = 50
 ) -> tuple[list[Step], int] | None:
@@ -300,27 +327,34 @@ def _inject_error(
   correct = list(problem.solution)
   for _ in range(max_tries):
     index = rng.randrange(len(correct))
-    step = correct[index]
-    kind = rng.choice(config.error_kinds)
-    if kind == "arithmetic":
-      wrong = dataclasses.replace(step, result=step.result + rng.choice(config.arithmetic_slips))
-    elif kind == "carried":
-      left = step.left + rng.choice(config.arithmetic_slips)
-      if index == 0 or not _in_range(left, config):
-        continue
-      wrong = dataclasses.replace(step, left=left, result=_apply(step.op, left, step.operand))
-    else:
-      operand = step.operand + rng.choice(_OPERAND_SLIPS)
-      if operand < (2 if step.op == "*" else 1):
-        continue
-      wrong = dataclasses.replace(step, operand=operand, result=_apply(step.op, step.left, operand))
-    if not _in_range(wrong.result, config):
+    wrong = _corrupt(rng, correct[index], index, config)
+    if wrong is None:
       continue
     steps = list(correct)
     steps[index] = wrong
     propagated = _propagate(problem, steps, index, config)
     if propagated is not None and propagated[-1].result != problem.answer:
       return propagated, index
+  return None
+
+
+def _inject_errors(rng: random.Random, problem: Problem, config: DemoConfig, max_tries: int = 50) -> list[Step] | None:
+  """A response whose steps are each wrong with probability `train_step_error_rate` (at
+  least one is), every step continuing from the previous written result; None if no
+  in-range one with a wrong final answer was found."""
+  for _ in range(max_tries):
+    forced = rng.randrange(len(problem.operations))
+    steps: list[Step] = []
+    for index, (op, operand) in enumerate(problem.operations):
+      left = problem.start if index == 0 else steps[-1].result
+      step = Step(left, op, operand, _apply(op, left, operand))
+      if not _in_range(step.result, config):
+        break
+      if index == forced or rng.random() < config.train_step_error_rate:
+        step = _corrupt(rng, step, index, config) or step
+      steps.append(step)
+    if len(steps) == len(problem.operations) and steps[-1].result != problem.answer:
+      return steps
   return None
 
 
@@ -366,78 +400,57 @@ def _correction(problem: Problem, index: int) -> str:
   return f"{left} {op} {operand} = {_apply(op, left, operand)}"
 
 
-def _check_line(
-    number: int, step: Step, input_text: str, input_value: int, asked: tuple[str, int], computed: int
-) -> tuple[str, bool]:
-  """One step's check: its input against where it comes from, its operation against the
-  question, its result against the recomputed one, each ending "ok" or "wrong" and stopping
-  at the first wrong. Each check states the source first and the written value right after
-  it, so every verdict compares two values a few tokens apart, and the source is fetched
-  from the question or the previous check, never from the same step's written line."""
-  checks = (
-      (f"Input: {input_text} {input_value}, written {step.left}", step.left == input_value),
-      (
-          f"Operation: the question says {_PHRASES[asked[0]]} {asked[1]}, written {step.op} {step.operand}",
-          (step.op, step.operand) == asked,
-      ),
-      (
-          f"Result: {step.left} {step.op} {step.operand} makes {computed}, written {step.result}",
-          step.result == computed,
-      ),
-  )
-  parts = []
-  for text, ok in checks:
-    parts.append(f"{text}: {'ok' if ok else 'wrong'}.")
-    if not ok:
-      break
-  return f"Step {number}. " + " ".join(parts), ok
+def _check_line(number: int, step: Step, expected: Step) -> str:
+  """One step's check: the written line, then the line its written input and the question's
+  operation give ("expected"), then "ok" when the two are equal. The verdict compares two
+  equations a few tokens apart; getting "expected" right needs the previous written result,
+  the question's operation and the arithmetic."""
+  verdict = "ok" if step == expected else "wrong"
+  return f"Step {number}: {step.equation()}, expected {expected.equation()}: {verdict}."
 
 
-def _input_source(problem: Problem, steps: Sequence[Step], index: int) -> tuple[str, int]:
-  if index == 0:
-    return "the question starts with", problem.start
-  return f"step {index} gave", steps[index - 1].result
+def _expected_step(problem: Problem, steps: Sequence[Step], index: int) -> Step:
+  """Step `index` as it should read given what is written before it: it starts from the
+  previous written result (the question's start for step 1) and applies the question's
+  operation. Each step is judged on its own, so a response with several errors shows each."""
+  left = problem.start if index == 0 else steps[index - 1].result
+  op, operand = problem.operations[index]
+  return Step(left, op, operand, _apply(op, left, operand))
 
 
 def _critique_lines(
     problem: Problem, steps: Sequence[Step], believed: bool = False, claimed: tuple[int, int] | None = None
 ) -> tuple[list[str], int | None]:
-  """Check lines up to the first wrong step, and that step's index (None: all accepted).
+  """One check line per step, and the index of the first wrong step (None: all accepted).
 
-  Faithful by default. `believed`: a careless critic that takes every written number as
-  its source (it waves any response through). `claimed=(index, value)`: a critic that
-  miscomputes step `index` as `value`.
+  Faithful by default. `believed`: a careless critic that expects whatever is written (it
+  waves any response through). `claimed=(index, value)`: a critic that miscomputes step
+  `index` as `value`.
   """
-  lines = []
+  lines, first_wrong = [], None
   for index, step in enumerate(steps):
-    if believed:
-      input_text, input_value = _input_source(problem, steps, index)[0], step.left
-      asked, computed = (step.op, step.operand), step.result
-    else:
-      input_text, input_value = _input_source(problem, steps, index)
-      asked = problem.operations[index]
-      computed = _apply(step.op, step.left, step.operand)
-      if claimed is not None and claimed[0] == index:
-        computed = claimed[1]
-    line, ok = _check_line(index + 1, step, input_text, input_value, asked, computed)
-    lines.append(line)
-    if not ok:
-      return lines, index
-  return lines, None
+    expected = step if believed else _expected_step(problem, steps, index)
+    if claimed is not None and claimed[0] == index:
+      expected = dataclasses.replace(expected, result=claimed[1])
+    lines.append(_check_line(index + 1, step, expected))
+    if first_wrong is None and step != expected:
+      first_wrong = index
+  return lines, first_wrong
 
 
-def _rejection_lines(number: int, should_read: str, num_steps: int) -> list[str]:
-  lines = [f"So step {number} should be {should_read}."]
-  if number < num_steps:
-    lines.append(f"Steps after step {number} build on the wrong value.")
+def _rejection_lines(number: int, corrected: Sequence[Step]) -> list[str]:
+  """Names the first wrong step with its correct line, then redoes the rest from it."""
+  lines = [f"The first wrong step is step {number}; it should be {corrected[0].equation()}."]
+  if len(corrected) > 1:
+    lines.append("Redone from there: " + ", ".join(step.equation() for step in corrected) + ".")
   return lines
 
 
 def critique_text(problem: Problem, steps: Sequence[Step]) -> str:
-  """A faithful critique: checks steps up to the first wrong one, gives the right answer."""
+  """A faithful critique: checks every step, names the first wrong one, gives the right answer."""
   lines, wrong_index = _critique_lines(problem, steps)
   if wrong_index is not None:
-    lines += _rejection_lines(wrong_index + 1, _correction(problem, wrong_index), len(steps))
+    lines += _rejection_lines(wrong_index + 1, problem.solution[wrong_index:])
   lines.append(f"The correct final answer is {problem.answer}.")
   lines.append(f"Conclusion: {'right' if wrong_index is None else 'wrong'}")
   return "\n".join(lines)
@@ -446,7 +459,7 @@ def critique_text(problem: Problem, steps: Sequence[Step]) -> str:
 def flawed_critique_text(rng: random.Random, problem: Problem, steps: Sequence[Step], config: DemoConfig) -> str:
   """A critique whose verdict is wrong, with step checks consistent with that verdict.
 
-  A wrong response is waved through (the critic believes every written number, its answer
+  A wrong response is waved through (the critic expects every written line, its answer
   too); a right response gets one step miscomputed by a slip, and the final answer that
   value would lead to is stated as the correct one.
   """
@@ -459,18 +472,18 @@ def flawed_critique_text(rng: random.Random, problem: Problem, steps: Sequence[S
   candidates = [(index, slip) for index in range(len(steps)) for slip in config.arithmetic_slips]
   rng.shuffle(candidates)
   for index, slip in candidates:
-    step = steps[index]
-    claimed = step.result + slip
-    claimed_final = claimed
+    claimed = dataclasses.replace(steps[index], result=steps[index].result + slip)
+    redone = [claimed]
     for op, operand in problem.operations[index + 1 :]:
-      claimed_final = _apply(op, claimed_final, operand)
-    if _in_range(claimed, config) and _in_range(claimed_final, config):
+      left = redone[-1].result
+      redone.append(Step(left, op, operand, _apply(op, left, operand)))
+    if all(_in_range(step.result, config) for step in redone):
       break
   else:  # unreachable for demo problems; say so loudly rather than emit odd values
     raise RuntimeError(f"demo data: no in-range flawed critique for {problem.canonical()!r}")
-  lines, _ = _critique_lines(problem, steps, claimed=(index, claimed))
-  lines += _rejection_lines(index + 1, f"{step.left} {step.op} {step.operand} = {claimed}", len(steps))
-  lines.append(f"The correct final answer is {claimed_final}.")
+  lines, _ = _critique_lines(problem, steps, claimed=(index, claimed.result))
+  lines += _rejection_lines(index + 1, redone)
+  lines.append(f"The correct final answer is {redone[-1].result}.")
   lines.append("Conclusion: wrong")
   return "\n".join(lines)
 
@@ -539,10 +552,15 @@ def _split_records(config: DemoConfig, split: str, problems: Sequence[Problem]) 
     steps: Sequence[Step] = problem.solution
     is_right = noise_rng.random() >= error_fraction
     if not is_right:
-      noisy = _inject_error(noise_rng, problem, config)
+      noisy = None
+      if split == "train" and config.train_step_error_rate > 0:
+        noisy = _inject_errors(noise_rng, problem, config)
+      if noisy is None:  # also where the values' range leaves room for a single error only
+        injected = _inject_error(noise_rng, problem, config)
+        noisy = None if injected is None else injected[0]
       if noisy is None:  # never seen in 100k problems; fail loudly rather than skew labels
         raise RuntimeError(f"demo data: could not inject an error into {problem.canonical()!r}")
-      steps = noisy[0]  # its final answer differs from the true one, so the label is "wrong"
+      steps = noisy  # its final answer differs from the true one, so the label is "wrong"
     is_flawed = index in flawed
     critique = (
         flawed_critique_text(critique_rng, problem, steps, config) if is_flawed else critique_text(problem, steps)

@@ -60,6 +60,7 @@ def demo_config(data_config: Any):
       max_steps=d.max_steps,
       error_fraction=d.error_fraction,
       train_error_fraction=d.train_error_fraction,
+      train_step_error_rate=d.train_step_error_rate,
       flawed_critique_fraction=d.flawed_critique_fraction,
       vocab_size=d.vocab_size,
       min_value=d.min_value,

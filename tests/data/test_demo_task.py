@@ -163,17 +163,31 @@ def test_flawed_critique_share_matches_the_setting_exactly(splits):
     assert {r["critique_flawed"] for r in records} == {expected}
 
 
-def _accepted_line(number, step, source):
+CHECK_RE = re.compile(r"Step (\d+): (\d+ [-+*] \d+ = \d+), expected (\d+ [-+*] \d+ = \d+): (ok|wrong)\.")
+
+
+def _equation(step):
   left, op, operand, result = step
-  phrase = {v: k for k, v in PHRASE_OPS.items()}[op]
-  return (
-      f"Step {number}. Input: {source}, written {left}: ok. "
-      f"Operation: the question says {phrase} {operand}, written {op} {operand}: ok. "
-      f"Result: {left} {op} {operand} makes {result}, written {result}: ok."
-  )
+  return f"{left} {op} {operand} = {result}"
 
 
-def test_faithful_critiques_check_each_step_against_its_sources_and_stop_at_the_first_wrong(splits):
+def _expected(values, operations, steps, index):
+  """Step `index` as its written input and the question's operation make it."""
+  left = values[0] if index == 0 else steps[index - 1][3]
+  op, operand = operations[index]
+  return (left, op, operand, OPS[op](left, operand))
+
+
+def _checks(lines, steps):
+  """The critique's check lines parsed as (written, expected, verdict); one per step, in order."""
+  checks = [CHECK_RE.fullmatch(line) for line in lines[: len(steps)]]
+  assert all(checks), lines
+  assert [int(c.group(1)) for c in checks] == list(range(1, len(steps) + 1))
+  assert [c.group(2) for c in checks] == [_equation(step) for step in steps]
+  return [(c.group(2), c.group(3), c.group(4)) for c in checks]
+
+
+def test_faithful_critiques_check_every_step_against_its_inputs_and_name_the_first_wrong(splits):
   for records in splits.values():
     for record in records:
       if record["critique_flawed"] == "1":
@@ -183,47 +197,58 @@ def test_faithful_critiques_check_each_step_against_its_sources_and_stop_at_the_
       assert lines[-2] == f"The correct final answer is {values[-1]}."
       assert lines[-1] == f"Conclusion: {record['label']}"
       steps = _response_steps(record["response"])
+      for index, (_, expected, verdict) in enumerate(_checks(lines, steps)):
+        assert expected == _equation(_expected(values, operations, steps, index))
+        assert verdict == ("ok" if steps[index] == _expected(values, operations, steps, index) else "wrong")
       wrong = _first_wrong_step(record)
-      checked = len(steps) if wrong is None else wrong
-      for index in range(checked):
-        source = f"the question starts with {values[0]}" if index == 0 else f"step {index} gave {values[index]}"
-        assert lines[index] == _accepted_line(index + 1, steps[index], source)
       if wrong is None:
         assert len(lines) == len(steps) + 2
         continue
-      left, op, operand, result = steps[wrong]
-      true_op, true_operand = operations[wrong]
-      line = lines[wrong]
-      assert line.startswith(f"Step {wrong + 1}. Input: ")
-      if left != values[wrong]:
-        assert line.endswith(f"Input: step {wrong} gave {values[wrong]}, written {left}: wrong.")
-      elif operand != true_operand:
-        phrase = {v: k for k, v in PHRASE_OPS.items()}[true_op]
-        assert line.endswith(f"Operation: the question says {phrase} {true_operand}, written {op} {operand}: wrong.")
-      else:
-        assert line.endswith(f"Result: {left} {op} {operand} makes {OPS[op](left, operand)}, written {result}: wrong.")
-      assert line.count(": wrong.") == 1
-      assert (
-          lines[wrong + 1]
-          == f"So step {wrong + 1} should be {values[wrong]} {op} {true_operand} = {values[wrong + 1]}."
-      )
+      # A single error: only its step fails, later steps follow correctly from the wrong value.
+      assert [check[2] for check in _checks(lines, steps)].count("wrong") == 1
+      correct = [(values[i], *operations[i], values[i + 1]) for i in range(len(steps))]
+      assert lines[len(steps)] == f"The first wrong step is step {wrong + 1}; it should be {_equation(correct[wrong])}."
+      if wrong + 1 < len(steps):
+        assert lines[len(steps) + 1] == "Redone from there: " + ", ".join(map(_equation, correct[wrong:])) + "."
 
 
 def test_flawed_critiques_are_consistent_with_their_wrong_verdict(splits):
   for records in splits.values():
     for record in (r for r in records if r["critique_flawed"] == "1"):
       lines = record["critique"].split("\n")
+      steps = _response_steps(record["response"])
+      checks = _checks(lines, steps)
       response_answer = extract_final_answer(record["response"])
       claimed = extract_final_answer(record["critique"])
-      if record["label"] == "wrong":  # waved through: every written number believed, its answer too
-        assert ": wrong." not in record["critique"] and lines[-1] == "Conclusion: right"
-        steps = _response_steps(record["response"])
-        assert len(lines) == len(steps) + 2
-        assert all(line.endswith(f"written {step[3]}: ok.") for line, step in zip(lines, steps))
+      if record["label"] == "wrong":  # waved through: every written line expected, its answer too
+        assert all(written == expected and verdict == "ok" for written, expected, verdict in checks)
+        assert len(lines) == len(steps) + 2 and lines[-1] == "Conclusion: right"
         assert claimed == response_answer
-      else:  # a right response is flagged: the claimed answer is not the response's
-        assert sum(line.endswith(": wrong.") for line in lines) == 1 and lines[-1] == "Conclusion: wrong"
+      else:  # a right response is flagged: one step miscomputed, the answer it leads to claimed
+        assert [verdict for _, _, verdict in checks].count("wrong") == 1 and lines[-1] == "Conclusion: wrong"
         assert claimed != response_answer == record["answer"]
+
+
+def test_train_step_errors_put_several_checked_errors_in_train_responses_only():
+  config = dataclasses.replace(EASY, train_error_fraction=0.8, train_step_error_rate=0.6)
+  splits = generate_splits(config)
+  baseline = generate_splits(dataclasses.replace(config, train_step_error_rate=0.0))
+  assert splits["test"] == baseline["test"] and splits["validation"] == baseline["validation"]
+  failing = total = several = 0
+  for record in splits["train"]:
+    values, operations = _true_values(record["query"])
+    steps = _response_steps(record["response"])
+    verdicts = [v for _, _, v in _checks(record["critique"].split("\n"), steps)]
+    wrong_steps = [i for i in range(len(steps)) if steps[i] != _expected(values, operations, steps, i)]
+    if record["critique_flawed"] == "0":
+      assert verdicts == ["wrong" if i in wrong_steps else "ok" for i in range(len(steps))]
+      failing, total = failing + len(wrong_steps), total + len(steps)
+    if record["label"] == "wrong":
+      assert wrong_steps and steps[-1][3] != values[-1]
+      several += len(wrong_steps) > 1
+  assert several > 0 and failing / total > 0.3, (several, failing / total)
+  with pytest.raises(ValueError, match="train_step_error_rate"):
+    DemoConfig(train_step_error_rate=1.5)
 
 
 def test_sft_records_hold_the_correct_solution(splits):
