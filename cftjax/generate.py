@@ -302,20 +302,8 @@ def _compiled_generate_tokens(config, max_new_tokens, temperature, top_p, eos_id
       eos_ids=eos_ids,
       pad_id=pad_id,
   )
-  if mesh is None:
-    return jax.jit(body)
-
-  def with_rules(*args):
-    with nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
-      return body(*args)
-
-  jitted = jax.jit(with_rules)
-
-  def on_mesh(*args):
-    with jax.set_mesh(mesh):
-      return jitted(*args)
-
-  return on_mesh
+  jitted = jax.jit(body)
+  return jitted if mesh is None else sharding_lib.on_mesh(jitted, mesh)
 
 
 def _place_rows(x: np.ndarray, mesh: jax.sharding.Mesh) -> Array:

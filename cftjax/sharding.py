@@ -4,6 +4,7 @@ Parameters and optimizer state are created directly in their sharded layout (eva
 for the structure, then jit with out_shardings), so no host ever holds the full model.
 """
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -63,6 +64,19 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
   shape = mesh_shape(mesh_config, len(devices))
   # Auto axes: shardings come from logical constraints and in/out shardings, not types.
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def on_mesh(fn: Callable, mesh: Mesh, rules=LOGICAL_RULES) -> Callable:
+  """`fn` called with `mesh` set and the logical axis rules active, so a jitted function
+  traced inside resolves its logical constraints against this mesh. `__wrapped__` is `fn`
+  (its `.lower` for ahead-of-time compiles)."""
+
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return fn(*args)
+
+  return wrapped
 
 
 def logical_to_shardings(logical_specs: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:

@@ -165,15 +165,7 @@ def compile_steps(model, tx, schedule, mesh, layout: StateLayout, accum: int, nu
       out_shardings=replicated,
   )
 
-  def with_rules(fn):
-    @functools.wraps(fn)
-    def wrapped(*args):
-      with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        return fn(*args)
-
-    return wrapped
-
-  return CompiledSteps(with_rules(train), with_rules(evaluate))
+  return CompiledSteps(sharding.on_mesh(train, mesh), sharding.on_mesh(evaluate, mesh))
 
 
 # ------------------------------------------------------------------------------ loop

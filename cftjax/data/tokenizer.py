@@ -80,7 +80,32 @@ def _check_ids(ids: Sequence[int], vocab_size: int, source: str) -> list[int]:
   return checked
 
 
-class SentencePieceTokenizer:
+class _SpecialIds:
+  """The special-token ids a backend resolves once when it loads."""
+
+  _bos_id: int | None
+  _eos_id: int
+  _pad_id: int
+  _stop_ids: tuple[int, ...]
+
+  @property
+  def bos_id(self) -> int | None:
+    return self._bos_id
+
+  @property
+  def eos_id(self) -> int:
+    return self._eos_id
+
+  @property
+  def pad_id(self) -> int:
+    return self._pad_id
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    return self._stop_ids
+
+
+class SentencePieceTokenizer(_SpecialIds):
   """SentencePiece backend for a `.model` file (the demo tokenizer, Llama 2 / Mistral style)."""
 
   def __init__(self, model_path: str | os.PathLike[str]):
@@ -100,26 +125,11 @@ class SentencePieceTokenizer:
     self._bos_id = bos if bos >= 0 else None
     pad = self._processor.pad_id()
     self._pad_id = pad if pad >= 0 else eos
+    self._stop_ids = (eos,)
 
   @property
   def vocab_size(self) -> int:
     return self._processor.vocab_size()
-
-  @property
-  def bos_id(self) -> int | None:
-    return self._bos_id
-
-  @property
-  def eos_id(self) -> int:
-    return self._eos_id
-
-  @property
-  def pad_id(self) -> int:
-    return self._pad_id
-
-  @property
-  def stop_ids(self) -> tuple[int, ...]:
-    return (self._eos_id,)
 
   def encode(self, text: str) -> list[int]:
     return self._processor.Encode(text, out_type=int)
@@ -158,7 +168,7 @@ def _id_list(value: Any, path: Path, key: str) -> list[int]:
   return values
 
 
-class HFTokenizer:
+class HFTokenizer(_SpecialIds):
   """HF `tokenizers` backend for tokenizer.json (Qwen2/2.5, Llama 3, Mistral fast tokenizers).
 
   Special tokens come from, in order of precedence: `tokenizer_config.json` (bos_token,
@@ -231,22 +241,6 @@ class HFTokenizer:
   @property
   def vocab_size(self) -> int:
     return self._tokenizer.get_vocab_size(with_added_tokens=True)
-
-  @property
-  def bos_id(self) -> int | None:
-    return self._bos_id
-
-  @property
-  def eos_id(self) -> int:
-    return self._eos_id
-
-  @property
-  def pad_id(self) -> int:
-    return self._pad_id
-
-  @property
-  def stop_ids(self) -> tuple[int, ...]:
-    return self._stop_ids
 
   def encode(self, text: str) -> list[int]:
     return self._tokenizer.encode(text, add_special_tokens=False).ids
