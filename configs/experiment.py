@@ -15,6 +15,9 @@ from configs import demo
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.recipe = demo.get_config()  # what every stage trains; override any key under recipe.
+  # The demo's three-step problems number 5,832 (5,249 train-split): the arms train on the
+  # first 2,500 train problems, the base on the next 2,500.
+  config.recipe.data.demo.num_train = 2500
 
   # Arms: "sft" (correct solutions), "cft:F" (critiques, a share F of them flawed),
   # "mix:F" (CFT + SFT records of the same problems, 1:1).
@@ -24,13 +27,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   # The base every arm starts from: SFT on partly noisy solutions to problems no arm sees.
   base = config.base = ml_collections.ConfigDict()
-  base.num_problems = 6000
+  base.num_problems = 2500
   base.error_fraction = 0.3  # share of its training solutions holding one error
   base.num_steps = 200
 
   evaluation = config.evaluation = ml_collections.ConfigDict()
   evaluation.num_test = 200  # held-out test problems (the demo's test split), the same for every arm
-  evaluation.answer_max_new_tokens = 112  # a 5-step solution is at most ~95 tokens
-  evaluation.critique_max_new_tokens = 160  # a demo critique is at most ~142 tokens
+  evaluation.answer_max_new_tokens = 64  # a demo solution is at most 45 tokens
+  evaluation.critique_max_new_tokens = 192  # a demo critique is at most 166 tokens
   evaluation.batch_size = 200  # prompts per generation batch
   return config

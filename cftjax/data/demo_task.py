@@ -14,7 +14,8 @@ exactly one injected error (a wrong result, a misread operand or a miscopied pre
 and later steps carry the wrong value forward with correct arithmetic, so its final answer is
 wrong. The critique checks every step on its own: the written line, the line its written input
 and the question's operation give, "ok" or "wrong"
-("Step 2: 86 - 6 = 80, expected 86 - 5 = 81: wrong."); then it names the first wrong step with
+and the running count of wrong steps ("Step 2: 86 - 6 = 80, expected 86 - 5 = 81: wrong, errors
+so far: 1."); then it names the first wrong step with
 its correct line, redoes the solution from there, states the correct final answer and ends with
 "Conclusion: right" / "Conclusion: wrong". Like the teacher critiques in the CFT paper, a fixed
 share (`flawed_critique_fraction`) of critiques reach the wrong verdict; those records carry
@@ -54,7 +55,7 @@ _OPERAND_SLIPS = (-2, -1, 1, 2)
 _PHRASES = {"+": "add", "-": "subtract", "*": "multiply by"}
 _OPS_BY_PHRASE = {phrase: op for op, phrase in _PHRASES.items()}
 # Bump when the generated text or file layout changes, so old caches are not reused.
-DATA_FORMAT_VERSION = 6
+DATA_FORMAT_VERSION = 9
 DRILL_QUERY = "Practice: work out each line."
 # The CFT paper's instruction; fed to tokenizer training so the prompt tokenizes compactly.
 
@@ -297,10 +298,10 @@ def _propagate(problem: Problem, steps: list[Step], from_index: int, config: Dem
   return steps
 
 
-def _corrupt(rng: random.Random, step: Step, index: int, config: DemoConfig) -> Step | None:
-  """`step` with one error of a random kind, or None if the draw does not apply or leaves
-  the value range."""
-  kind = rng.choice(config.error_kinds)
+def _corrupt(rng: random.Random, step: Step, index: int, config: DemoConfig, kind: str | None = None) -> Step | None:
+  """`step` with one error of `kind` (default: a random one), or None if the draw does not
+  apply or leaves the value range."""
+  kind = kind or rng.choice(config.error_kinds)
   if kind == "arithmetic":
     wrong = dataclasses.replace(step, result=step.result + rng.choice(config.arithmetic_slips))
   elif kind == "carried":
@@ -314,6 +315,17 @@ def _corrupt(rng: random.Random, step: Step, index: int, config: DemoConfig) -> 
       return None
     wrong = dataclasses.replace(step, operand=operand, result=_apply(step.op, step.left, operand))
   return wrong if _in_range(wrong.result, config) else None
+
+
+def _corrupt_parts(rng: random.Random, step: Step, index: int, config: DemoConfig) -> Step:
+  """`step` with each kind of error applied independently with probability
+  `train_step_error_rate` (at least one tried): training steps that are wrong in several
+  parts at once, so that no part of a check can be copied from the written line."""
+  kinds = [kind for kind in ("carried", "operand", "arithmetic") if kind in config.error_kinds]
+  chosen = [kind for kind in kinds if rng.random() < config.train_step_error_rate] or [rng.choice(kinds)]
+  for kind in chosen:
+    step = _corrupt(rng, step, index, config, kind) or step
+  return step
 
 
 def _inject_error(
@@ -351,7 +363,7 @@ def _inject_errors(rng: random.Random, problem: Problem, config: DemoConfig, max
       if not _in_range(step.result, config):
         break
       if index == forced or rng.random() < config.train_step_error_rate:
-        step = _corrupt(rng, step, index, config) or step
+        step = _corrupt_parts(rng, step, index, config)
       steps.append(step)
     if len(steps) == len(problem.operations) and steps[-1].result != problem.answer:
       return steps
@@ -400,13 +412,17 @@ def _correction(problem: Problem, index: int) -> str:
   return f"{left} {op} {operand} = {_apply(op, left, operand)}"
 
 
-def _check_line(number: int, step: Step, expected: Step) -> str:
-  """One step's check: the written line, then the line its written input and the question's
-  operation give ("expected"), then "ok" when the two are equal. The verdict compares two
-  equations a few tokens apart; getting "expected" right needs the previous written result,
-  the question's operation and the arithmetic."""
-  verdict = "ok" if step == expected else "wrong"
-  return f"Step {number}: {step.equation()}, expected {expected.equation()}: {verdict}."
+def _check_line(number: int, step: Step, expected: Step, errors_before: int) -> str:
+  """One step's check: the written line, the line its written input and the question's
+  operation give ("expected"), "ok" when the two are equal, and the running count of wrong
+  steps. The verdict compares two equations a few tokens apart, and the count carries each
+  verdict to the next line, so the conclusion reads one number instead of every line."""
+  ok = step == expected
+  errors = errors_before + (not ok)
+  return (
+      f"Step {number}: expected {expected.equation()}, written {step.equation()}: {'ok' if ok else 'wrong'}, "
+      f"errors so far: {errors}."
+  )
 
 
 def _expected_step(problem: Problem, steps: Sequence[Step], index: int) -> Step:
@@ -427,15 +443,15 @@ def _critique_lines(
   waves any response through). `claimed=(index, value)`: a critic that miscomputes step
   `index` as `value`.
   """
-  lines, first_wrong = [], None
+  lines, wrong = [], []
   for index, step in enumerate(steps):
     expected = step if believed else _expected_step(problem, steps, index)
     if claimed is not None and claimed[0] == index:
       expected = dataclasses.replace(expected, result=claimed[1])
-    lines.append(_check_line(index + 1, step, expected))
-    if first_wrong is None and step != expected:
-      first_wrong = index
-  return lines, first_wrong
+    lines.append(_check_line(index + 1, step, expected, len(wrong)))
+    if step != expected:
+      wrong.append(index)
+  return lines, (wrong[0] if wrong else None)
 
 
 def _rejection_lines(number: int, corrected: Sequence[Step]) -> list[str]:

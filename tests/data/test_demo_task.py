@@ -163,7 +163,10 @@ def test_flawed_critique_share_matches_the_setting_exactly(splits):
     assert {r["critique_flawed"] for r in records} == {expected}
 
 
-CHECK_RE = re.compile(r"Step (\d+): (\d+ [-+*] \d+ = \d+), expected (\d+ [-+*] \d+ = \d+): (ok|wrong)\.")
+CHECK_RE = re.compile(
+    r"Step (\d+): expected (?P<expected>\d+ [-+*] \d+ = \d+), written (?P<written>\d+ [-+*] \d+ = \d+): "
+    r"(ok|wrong), errors so far: (\d+)\."
+)
 
 
 def _equation(step):
@@ -183,8 +186,10 @@ def _checks(lines, steps):
   checks = [CHECK_RE.fullmatch(line) for line in lines[: len(steps)]]
   assert all(checks), lines
   assert [int(c.group(1)) for c in checks] == list(range(1, len(steps) + 1))
-  assert [c.group(2) for c in checks] == [_equation(step) for step in steps]
-  return [(c.group(2), c.group(3), c.group(4)) for c in checks]
+  assert [c.group("written") for c in checks] == [_equation(step) for step in steps]
+  verdicts = [c.group(4) for c in checks]
+  assert [int(c.group(5)) for c in checks] == [verdicts[: i + 1].count("wrong") for i in range(len(steps))]
+  return [(c.group("written"), c.group("expected"), c.group(4)) for c in checks]
 
 
 def test_faithful_critiques_check_every_step_against_its_inputs_and_name_the_first_wrong(splits):
