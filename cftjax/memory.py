@@ -19,6 +19,7 @@ import numpy as np
 
 from cftjax import optim, sharding, train
 from cftjax.data import sources as sources_lib
+from cftjax.data.batch import TokenBatch
 
 GIB = 1024**3
 # Steps for the schedule when train.num_steps=-1: memory does not depend on it.
@@ -69,11 +70,9 @@ def device_capacity(device: jax.Device) -> int | None:
   return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
-def abstract_batch(config: ml_collections.ConfigDict, mesh) -> dict:
-  shape = (int(config.train.global_batch_size), int(config.data.max_length))
-  spec = sharding.batch_sharding(mesh)
-  dtypes = {"weights": jnp.float32}
-  return {k: jax.ShapeDtypeStruct(shape, dtypes.get(k, jnp.int32), sharding=spec) for k in train.BATCH_KEYS}
+def abstract_batch(config: ml_collections.ConfigDict, mesh) -> TokenBatch:
+  rows, length = int(config.train.global_batch_size), int(config.data.max_length)
+  return TokenBatch.abstract(rows, length, sharding.batch_sharding(mesh))
 
 
 def compiled_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None):

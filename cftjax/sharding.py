@@ -181,9 +181,10 @@ def batch_size_per_process(global_batch_size: int, mesh: Mesh) -> int:
   return global_batch_size // jax.process_count()
 
 
-def host_batch_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Each process's rows -> one global jax.Array per feature, sharded over data x fsdp."""
+def host_batch_to_global(batch: Any, mesh: Mesh) -> Any:
+  """Each process's rows -> one global jax.Array per leaf (a `TokenBatch`'s fields), sharded
+  over data x fsdp."""
   sharding = batch_sharding(mesh)
   if jax.process_count() == 1:
-    return {k: jax.device_put(v, sharding) for k, v in batch.items()}
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    return jax.tree.map(lambda v: jax.device_put(v, sharding), batch)
+  return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), batch)

@@ -21,13 +21,13 @@ from cftjax import metrics as metrics_lib
 from cftjax import head_loss, objectives, optim, sharding
 from cftjax.evaluators import EvalContext
 from cftjax.data import pipeline
+from cftjax.data.batch import TokenBatch
 from cftjax.data import sources as sources_lib
 from cftjax.data import tokenizer as tokenizer_lib
 from cftjax import model as model_lib
 from cftjax.model import ModelConfig, Transformer
 
 PER_SOURCE_KEYS = ("loss_by_source", "tokens_by_source")  # arrays over data.mixture's sources
-BATCH_KEYS = ("inputs", "positions", "segment_ids", "targets", "weights", "objective_ids", "source_ids")
 
 
 class TrainingStopped(RuntimeError):
@@ -71,17 +71,17 @@ def init_state(model, tx, mesh, seed: int, layout: StateLayout, params=None):
 
 # ------------------------------------------------------------------------------ steps
 def _forward_sums(model, params, batch, num_sources: int):
-  inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
+  inputs = (batch.inputs, batch.positions, batch.segment_ids)
   cfg = model.config
   if cfg.loss_chunk_size:  # never the whole [B, L, V] logits
     hidden, _ = model.apply({"params": params}, *inputs, return_hidden=True)
     ce = head_loss.chunked_token_cross_entropy(
-        hidden, head_loss.head_kernel(params, cfg.tie_embeddings), batch["targets"], cfg.loss_chunk_size, cfg.jnp_dtype
+        hidden, head_loss.head_kernel(params, cfg.tie_embeddings), batch.targets, cfg.loss_chunk_size, cfg.jnp_dtype
     )
   else:
     logits, _ = model.apply({"params": params}, *inputs)
-    ce = objectives.token_cross_entropy(logits, batch["targets"])
-  return objectives.token_loss_sums(ce, batch["weights"], batch["objective_ids"], batch["source_ids"], num_sources)
+    ce = objectives.token_cross_entropy(logits, batch.targets)
+  return objectives.token_loss_sums(ce, batch.weights, batch.objective_ids, batch.source_ids, num_sources)
 
 
 def _split_micro_batches(batch, accum: int):
@@ -100,7 +100,7 @@ def _split_micro_batches(batch, accum: int):
 
 def train_step(state, batch, *, model, tx, schedule, accum: int, num_sources: int):
   """One optimizer step; the loss is a token mean over the whole global batch."""
-  total_weight = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
+  total_weight = jnp.maximum(jnp.sum(batch.weights.astype(jnp.float32)), 1.0)
 
   def loss_fn(params, micro):
     sums = _forward_sums(model, params, micro, num_sources)
@@ -151,7 +151,7 @@ class CompiledSteps:
 
 def compile_steps(model, tx, schedule, mesh, layout: StateLayout, accum: int, num_sources: int) -> CompiledSteps:
   """jax.jit with explicit in/out shardings; the state is donated (updated in place)."""
-  batch_sharding = {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
+  batch_sharding = sharding.batch_sharding(mesh)  # every TokenBatch field
   replicated = NamedSharding(mesh, P())
   train = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, accum=accum, num_sources=num_sources),
@@ -240,7 +240,7 @@ def _validation_loss(steps, params, config, sources, tokenizer_path, rows, mesh,
     batch = next(batches, None)
     if not _across_processes(batch is not None, False)[0]:
       break
-    arrays = sharding.host_batch_to_global(pipeline.model_inputs(pipeline.pad_rows(batch, rows)), mesh)
+    arrays = sharding.host_batch_to_global(TokenBatch.from_packed(pipeline.pad_rows(batch, rows)), mesh)
     sums = jax.device_get(steps.eval(params, arrays))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   if totals is None:
@@ -409,7 +409,7 @@ def run(
         if batch is not None:
           batch = pipeline.pad_rows(batch, rows)
           host = pipeline.batch_stats(batch)
-          arrays = sharding.host_batch_to_global(pipeline.model_inputs(batch), mesh)
+          arrays = sharding.host_batch_to_global(TokenBatch.from_packed(batch), mesh)
         every_process_has_batch, stop_requested = _across_processes(batch is not None, bool(stop.reason))
         if not every_process_has_batch:
           stopped = "data exhausted"

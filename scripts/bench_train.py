@@ -103,15 +103,17 @@ def random_batch(shape: dict, batch: int, length: int, seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, shape["vocab_size"], (batch, length + 1), dtype=np.int32)
   ones = np.ones((batch, length), np.int32)
-  return {
-      "inputs": tokens[:, :-1].copy(),
-      "targets": tokens[:, 1:].copy(),
-      "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
-      "segment_ids": ones,
-      "weights": ones.astype(np.float32),
-      "objective_ids": np.zeros_like(ones),
-      "source_ids": np.zeros_like(ones),
-  }
+  from cftjax.data.batch import TokenBatch
+
+  return TokenBatch(
+      inputs=tokens[:, :-1].copy(),
+      targets=tokens[:, 1:].copy(),
+      positions=np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
+      segment_ids=ones,
+      weights=ones.astype(np.float32),
+      objective_ids=np.zeros_like(ones),
+      source_ids=np.zeros_like(ones),
+  )
 
 
 def matmul_shapes(shape: dict, tokens: int) -> list[tuple[int, int, int]]:
@@ -223,8 +225,8 @@ class TorchSide:
         weight_decay=OPTIM["weight_decay"],
     )
     host = random_batch(shape, batch, length)
-    self.inputs = torch.from_numpy(host["inputs"]).long()
-    self.targets = torch.from_numpy(host["targets"]).long()
+    self.inputs = torch.from_numpy(host.inputs).long()
+    self.targets = torch.from_numpy(host.targets).long()
 
   def step(self) -> float:
     torch = self.torch

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from cftjax import head_loss, objectives, train
+from cftjax.data.batch import TokenBatch
 from configs import demo
 
 EPS = float(np.finfo(np.float32).eps)
@@ -125,15 +126,15 @@ def test_train_forward_chunked_equals_full_with_tied_and_untied_heads():
   rng = np.random.default_rng(1)
   batch, length = 2, 24
   tokens = rng.integers(0, 97, size=(batch, length)).astype(np.int32)
-  b = {
-      "inputs": tokens,
-      "targets": np.roll(tokens, -1, axis=1),
-      "positions": np.tile(np.arange(length), (batch, 1)),
-      "segment_ids": np.ones((batch, length), np.int32),
-      "weights": (rng.random((batch, length)) < 0.8).astype(np.float32),
-      "objective_ids": rng.integers(0, 2, size=(batch, length)).astype(np.int32),
-      "source_ids": np.zeros((batch, length), np.int32),
-  }
+  b = TokenBatch(
+      inputs=tokens,
+      targets=np.roll(tokens, -1, axis=1),
+      positions=np.tile(np.arange(length), (batch, 1)),
+      segment_ids=np.ones((batch, length), np.int32),
+      weights=(rng.random((batch, length)) < 0.8).astype(np.float32),
+      objective_ids=rng.integers(0, 2, size=(batch, length)).astype(np.int32),
+      source_ids=np.zeros((batch, length), np.int32),
+  )
   for tied in (False, True):
     config.model.tie_embeddings = tied
     results = {}

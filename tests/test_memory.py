@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cftjax import cli, memory, optim, sharding, train
+from cftjax.data.batch import TokenBatch
 from configs import demo
 
 TINY = {
@@ -60,8 +61,7 @@ def test_dry_run_matches_the_real_step_on_8_devices():
   # The step lowered from concrete arrays: XLA's analysis is the one the report gives.
   rng = np.random.default_rng(0)
   shape = (16, 64)
-  host = {k: rng.integers(0, 2, size=shape).astype(np.int32) for k in train.BATCH_KEYS}
-  host["weights"] = host["weights"].astype(np.float32)
+  host = TokenBatch(**{k: rng.integers(0, 2, size=shape).astype(TokenBatch.dtype(k)) for k in TokenBatch.fields()})
   batch = sharding.host_batch_to_global(host, mesh)
   steps = train.compile_steps(model, tx, schedule, mesh, layout, 1, 2)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
@@ -70,7 +70,7 @@ def test_dry_run_matches_the_real_step_on_8_devices():
   assert report.arguments == analysis.argument_size_in_bytes
   assert report.outputs == analysis.output_size_in_bytes
   assert report.aliased == analysis.alias_size_in_bytes
-  assert report.batch == len(train.BATCH_KEYS) * 2 * 64 * 4
+  assert report.batch == len(TokenBatch.fields()) * 2 * 64 * 4
   assert report.peak == report.arguments + report.temporaries + report.outputs - report.aliased
 
 

@@ -22,6 +22,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cftjax import optim, sharding, train
+from cftjax.data.batch import TokenBatch
 from cftjax.model import ModelConfig, Transformer
 from configs import base
 import float32_tolerance
@@ -47,13 +48,11 @@ def mesh_config(**sizes) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, **sizes})
 
 
-def empty_batch() -> dict[str, np.ndarray]:
-  batch = {k: np.zeros((ROWS, LENGTH), np.int32) for k in train.BATCH_KEYS}
-  batch["weights"] = np.zeros((ROWS, LENGTH), np.float32)
-  return batch
+def empty_batch() -> TokenBatch:
+  return TokenBatch.zeros(ROWS, LENGTH)
 
 
-def packed_batch(seed: int) -> dict[str, np.ndarray]:
+def packed_batch(seed: int) -> TokenBatch:
   """Rows of 1-3 packed examples plus padding, mixed objectives and sources."""
   rng = np.random.default_rng(seed)
   batch = empty_batch()
@@ -64,18 +63,18 @@ def packed_batch(seed: int) -> dict[str, np.ndarray]:
       if start + length > LENGTH:
         break
       span = slice(start, start + length)
-      batch["inputs"][row, span] = rng.integers(1, MODEL_CONFIG.vocab_size, length)
-      batch["targets"][row, span] = rng.integers(1, MODEL_CONFIG.vocab_size, length)
-      batch["positions"][row, span] = np.arange(length)
-      batch["segment_ids"][row, span] = segment
-      batch["weights"][row, span] = rng.random(length) < 0.7
-      batch["objective_ids"][row, span] = rng.integers(0, 2)
-      batch["source_ids"][row, span] = rng.integers(0, NUM_SOURCES)
+      batch.inputs[row, span] = rng.integers(1, MODEL_CONFIG.vocab_size, length)
+      batch.targets[row, span] = rng.integers(1, MODEL_CONFIG.vocab_size, length)
+      batch.positions[row, span] = np.arange(length)
+      batch.segment_ids[row, span] = segment
+      batch.weights[row, span] = rng.random(length) < 0.7
+      batch.objective_ids[row, span] = rng.integers(0, 2)
+      batch.source_ids[row, span] = rng.integers(0, NUM_SOURCES)
       start += length
   return batch
 
 
-def uneven_micro_batches(seed: int) -> dict[str, np.ndarray]:
+def uneven_micro_batches(seed: int) -> TokenBatch:
   """A batch whose ACCUM micro-batches hold 32, 10, 0 and 2 target tokens.
 
   train_step gives micro-batch a the rows i * ACCUM + a. A mean of per-micro-batch means
@@ -84,14 +83,14 @@ def uneven_micro_batches(seed: int) -> dict[str, np.ndarray]:
   """
   rng = np.random.default_rng(seed)
   batch = empty_batch()
-  batch["inputs"][:] = rng.integers(1, MODEL_CONFIG.vocab_size, (ROWS, LENGTH))
-  batch["targets"][:] = rng.integers(1, MODEL_CONFIG.vocab_size, (ROWS, LENGTH))
-  batch["positions"][:] = np.arange(LENGTH)
-  batch["segment_ids"][:] = 1
-  batch["objective_ids"][:] = (np.arange(ROWS) % 2)[:, None]  # both objectives carry targets
-  batch["source_ids"][:] = rng.integers(0, NUM_SOURCES, (ROWS, 1))
+  batch.inputs[:] = rng.integers(1, MODEL_CONFIG.vocab_size, (ROWS, LENGTH))
+  batch.targets[:] = rng.integers(1, MODEL_CONFIG.vocab_size, (ROWS, LENGTH))
+  batch.positions[:] = np.arange(LENGTH)
+  batch.segment_ids[:] = 1
+  batch.objective_ids[:] = (np.arange(ROWS) % 2)[:, None]  # both objectives carry targets
+  batch.source_ids[:] = rng.integers(0, NUM_SOURCES, (ROWS, 1))
   for micro, tokens_per_row in enumerate((16, 5, 0, 1)):
-    batch["weights"][micro::ACCUM, LENGTH - tokens_per_row :] = 1.0
+    batch.weights[micro::ACCUM, LENGTH - tokens_per_row :] = 1.0
   return batch
 
 
@@ -386,10 +385,11 @@ def test_batch_size_per_process_needs_rows_divisible_by_data_times_fsdp():
 def test_host_batch_is_split_over_data_and_fsdp_and_keeps_sequences_whole():
   mesh = sharding.make_mesh(mesh_config(data=2, fsdp=2, tensor=2))
   batch = sharding.host_batch_to_global(packed_batch(0), mesh)
-  for name, array in batch.items():
+  for name in TokenBatch.fields():
+    array = getattr(batch, name)
     assert array.sharding.spec == P(("data", "fsdp")), name
     assert array.addressable_shards[0].data.shape == (ROWS // 4, LENGTH), name
-    np.testing.assert_array_equal(np.asarray(array), packed_batch(0)[name])
+    np.testing.assert_array_equal(np.asarray(array), getattr(packed_batch(0), name))
 
 
 def test_shardings_like_params_gives_adam_moments_the_param_shardings():
@@ -506,7 +506,7 @@ def accumulation(single_device):
 
 
 def test_uneven_micro_batches_really_are_uneven():
-  weights = uneven_micro_batches(0)["weights"]
+  weights = uneven_micro_batches(0).weights
   per_micro = [weights[a::ACCUM].sum() for a in range(ACCUM)]
   assert per_micro == [32, 10, 0, 2]
 
@@ -515,4 +515,4 @@ def test_gradient_accumulation_equals_one_big_batch(accumulation):
   plain, accumulated = accumulation["plain"], accumulation["accumulated"]
   assert_same_sgd_training(accumulated, plain, "accumulated")
   for step, got in enumerate(accumulated["metrics"]):
-    assert got["tokens_cft"] + got["tokens_sft"] == accumulation["batches"][step]["weights"].sum()
+    assert got["tokens_cft"] + got["tokens_sft"] == accumulation["batches"][step].weights.sum()

@@ -230,19 +230,6 @@ def pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
   return {k: np.concatenate([v, np.zeros((rows - have,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
 
 
-def model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """The arrays the train step consumes (packing metadata renamed)."""
-  return {
-      "inputs": batch["inputs"],
-      "positions": batch["inputs_positions"],
-      "segment_ids": batch["inputs_segment_ids"],
-      "targets": batch["targets"],
-      "weights": batch["weights"],
-      "objective_ids": batch["objective_ids"],
-      "source_ids": batch["source_ids"],
-  }
-
-
 def batch_stats(batch: dict[str, np.ndarray]) -> dict[str, float]:
   """Host-side counts: examples by outcome, padding share (packing efficiency)."""
   stats = batch["stats"]

@@ -9,11 +9,13 @@ import signal
 import time
 
 import grain
+import jax
 import numpy as np
 import pytest
 
 from cftjax import objectives
 from cftjax.data import pipeline
+from cftjax.data.batch import TokenBatch
 from cftjax.data import sources as sources_lib
 from configs import base
 
@@ -219,20 +221,18 @@ def test_validation_is_one_unshuffled_pass(demo):
   assert len(queries) == 8
 
 
-def test_pad_rows_and_model_inputs(demo):
+def test_pad_rows_and_the_token_batch(demo):
   batch = next(iter(build(demo, rows=2)))
   padded = pipeline.pad_rows({k: v[:1] for k, v in batch.items()}, 2)
   assert all(v.shape[0] == 2 for v in padded.values())
   assert not padded["weights"][1].any() and not padded["inputs_segment_ids"][1].any()
-  assert set(pipeline.model_inputs(batch)) == {
-      "inputs",
-      "positions",
-      "segment_ids",
-      "targets",
-      "weights",
-      "objective_ids",
-      "source_ids",
-  }
+  tokens = TokenBatch.from_packed(batch)
+  np.testing.assert_array_equal(tokens.positions, batch["inputs_positions"])
+  np.testing.assert_array_equal(tokens.segment_ids, batch["inputs_segment_ids"])
+  for name in ("inputs", "targets", "weights", "objective_ids", "source_ids"):
+    np.testing.assert_array_equal(getattr(tokens, name), batch[name])
+    assert getattr(tokens, name).dtype == TokenBatch.dtype(name)
+  assert len(jax.tree.leaves(tokens)) == len(TokenBatch.fields()) == 7
 
 
 # ------------------------------------------------------------------------------ iterator state
