@@ -31,7 +31,7 @@ def get_config():
   data.source = "demo"
   data.mixture = "demo_cft:1.0"
   data.chat_template = "plain"
-  data.max_length = 512
+  data.max_length = 1024  # a record is ~200-300 tokens: three to a row
   demo = data.demo
   # 5,832 problems exist (8 starts x 9^3 operation sequences); 90% of them are train.
   demo.num_train, demo.num_validation, demo.num_test = 5000, 200, 250
@@ -44,7 +44,7 @@ def get_config():
   demo.train_error_fraction, demo.train_step_error_rate = 0.8, 0.6
 
   train = config.train
-  train.global_batch_size = 4
+  train.global_batch_size = 2
   train.num_steps = 450
   train.log_every = 10
   train.eval_every = 50

@@ -26,7 +26,7 @@ SETTINGS = {
     "data.demo.num_train": NUM_TRAIN,
     "data.demo.num_validation": 8,
     "data.demo.num_test": 8,
-    "data.max_length": 128,  # every demo CFT example is longer: one (cut) example per row
+    "data.max_length": 192,  # every demo CFT example is longer: one (cut) example per row
     "model.hidden_size": 32,
     "model.num_layers": 2,
     "model.num_heads": 2,

@@ -12,15 +12,16 @@ right or wrong, stays in [0, 1000) so numbers tokenize in at most three digits.
 A CFT record critiques a noisy response: with probability `error_fraction` the response holds
 exactly one injected error (a wrong result, a misread operand or a miscopied previous value)
 and later steps carry the wrong value forward with correct arithmetic, so its final answer is
-wrong. The critique checks every step on its own: the written line, the line its written input
-and the question's operation give, "ok" or "wrong"
-and the running count of wrong steps ("Step 2: 86 - 6 = 80, expected 86 - 5 = 81: wrong, errors
-so far: 1."); then it names the first wrong step with
-its correct line, redoes the solution from there, states the correct final answer and ends with
-"Conclusion: right" / "Conclusion: wrong". Like the teacher critiques in the CFT paper, a fixed
-share (`flawed_critique_fraction`) of critiques reach the wrong verdict; those records carry
-"critique_flawed": "1". `train_step_error_rate` gives training responses several errors, so
-more of the checks the model learns from fail.
+wrong. The critique checks every step on its own, in three parts, each the source, the written
+value and "ok"/"wrong" -- the input against the previous written result, the operation against
+the question, the result against the written input and operation worked out -- then the
+running count of wrong steps ("Step 2: input 9, written 9: ok; operation - 4, written - 5:
+wrong; result 9 - 5 = 4, written 4: ok; errors so far: 1."); then it names the first wrong
+step with its correct line, redoes the solution from there, states the correct final answer
+and ends with "Conclusion: right" / "Conclusion: wrong". Like the teacher critiques in the CFT
+paper, a fixed share (`flawed_critique_fraction`) of critiques reach the wrong verdict; those
+records carry "critique_flawed": "1". `train_step_error_rate` gives training responses
+several errors, so more of the checks the model learns from fail.
 
 Splits never share a problem: each problem's canonical form is hashed into a fixed bucket
 (90% train, 5% validation, 5% test), so a split's contents do not depend on the other
@@ -55,7 +56,7 @@ _OPERAND_SLIPS = (-2, -1, 1, 2)
 _PHRASES = {"+": "add", "-": "subtract", "*": "multiply by"}
 _OPS_BY_PHRASE = {phrase: op for op, phrase in _PHRASES.items()}
 # Bump when the generated text or file layout changes, so old caches are not reused.
-DATA_FORMAT_VERSION = 9
+DATA_FORMAT_VERSION = 10
 DRILL_QUERY = "Practice: work out each line."
 # The CFT paper's instruction; fed to tokenizer training so the prompt tokenizes compactly.
 
@@ -412,17 +413,24 @@ def _correction(problem: Problem, index: int) -> str:
   return f"{left} {op} {operand} = {_apply(op, left, operand)}"
 
 
-def _check_line(number: int, step: Step, expected: Step, errors_before: int) -> str:
-  """One step's check: the written line, the line its written input and the question's
-  operation give ("expected"), "ok" when the two are equal, and the running count of wrong
-  steps. The verdict compares two equations a few tokens apart, and the count carries each
-  verdict to the next line, so the conclusion reads one number instead of every line."""
-  ok = step == expected
-  errors = errors_before + (not ok)
-  return (
-      f"Step {number}: expected {expected.equation()}, written {step.equation()}: {'ok' if ok else 'wrong'}, "
-      f"errors so far: {errors}."
+def _check_line(number: int, step: Step, expected: Step, computed: int, errors_before: int) -> tuple[str, bool]:
+  """One step's check in three parts, each the source first, then what is written, then
+  "ok"/"wrong": the input against the previous written result (the question's start for
+  step 1), the operation against the question, the result against the written input and
+  operation worked out; then the running count of wrong steps. A source always comes before
+  the written value it is compared with, so no part can copy its source from the written
+  line, and the count carries the verdicts to the conclusion."""
+  parts = (
+      (f"input {expected.left}, written {step.left}", step.left == expected.left),
+      (
+          f"operation {expected.op} {expected.operand}, written {step.op} {step.operand}",
+          (step.op, step.operand) == (expected.op, expected.operand),
+      ),
+      (f"result {step.left} {step.op} {step.operand} = {computed}, written {step.result}", step.result == computed),
   )
+  ok = all(part_ok for _, part_ok in parts)
+  checks = "; ".join(f"{text}: {'ok' if part_ok else 'wrong'}" for text, part_ok in parts)
+  return f"Step {number}: {checks}; errors so far: {errors_before + (not ok)}.", ok
 
 
 def _expected_step(problem: Problem, steps: Sequence[Step], index: int) -> Step:
@@ -439,17 +447,19 @@ def _critique_lines(
 ) -> tuple[list[str], int | None]:
   """One check line per step, and the index of the first wrong step (None: all accepted).
 
-  Faithful by default. `believed`: a careless critic that expects whatever is written (it
-  waves any response through). `claimed=(index, value)`: a critic that miscomputes step
-  `index` as `value`.
+  Faithful by default. `believed`: a careless critic that takes every written number as its
+  source (it waves any response through). `claimed=(index, value)`: a critic that
+  miscomputes step `index` as `value`.
   """
   lines, wrong = [], []
   for index, step in enumerate(steps):
     expected = step if believed else _expected_step(problem, steps, index)
+    computed = step.result if believed else _apply(step.op, step.left, step.operand)
     if claimed is not None and claimed[0] == index:
-      expected = dataclasses.replace(expected, result=claimed[1])
-    lines.append(_check_line(index + 1, step, expected, len(wrong)))
-    if step != expected:
+      computed = claimed[1]
+    line, ok = _check_line(index + 1, step, expected, computed, len(wrong))
+    lines.append(line)
+    if not ok:
       wrong.append(index)
   return lines, (wrong[0] if wrong else None)
 
@@ -531,7 +541,9 @@ def _split_problems(config: DemoConfig, splits: Sequence[str]) -> dict[str, list
   wanted = {split: config.split_size(split) for split in splits}
   problems: dict[str, list[Problem]] = {split: [] for split in splits}
   rng = random.Random(f"cftjax-demo:{config.seed}:problems")  # str seeds are hashed stably
-  max_draws = 1000 + 100 * sum(wanted.values())
+  # Problems are not equally likely (an operation is drawn before its operand), so rare ones
+  # in a small space need many more draws than there are problems.
+  max_draws = 200_000 + 100 * sum(wanted.values())
   missing = sum(wanted.values())
   seen: set[str] = set()
   for _ in range(max_draws):

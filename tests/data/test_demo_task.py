@@ -3,6 +3,7 @@
 import dataclasses
 import operator
 import re
+from typing import NamedTuple
 
 import pytest
 
@@ -164,9 +165,16 @@ def test_flawed_critique_share_matches_the_setting_exactly(splits):
 
 
 CHECK_RE = re.compile(
-    r"Step (\d+): expected (?P<expected>\d+ [-+*] \d+ = \d+), written (?P<written>\d+ [-+*] \d+ = \d+): "
-    r"(ok|wrong), errors so far: (\d+)\."
+    r"Step (\d+): input (\d+), written (\d+): (ok|wrong); operation ([-+*]) (\d+), written ([-+*]) (\d+): (ok|wrong); "
+    r"result (\d+) ([-+*]) (\d+) = (\d+), written (\d+): (ok|wrong); errors so far: (\d+)\."
 )
+
+
+class Check(NamedTuple):
+  source: tuple  # (input, op, operand, computed result): what the critic compares against
+  written: tuple  # (left, op, operand, result) as the check quotes the response
+  parts: tuple  # "ok"/"wrong" for input, operation, result
+  verdict: str  # "wrong" when any part is
 
 
 def _equation(step):
@@ -182,14 +190,25 @@ def _expected(values, operations, steps, index):
 
 
 def _checks(lines, steps):
-  """The critique's check lines parsed as (written, expected, verdict); one per step, in order."""
-  checks = [CHECK_RE.fullmatch(line) for line in lines[: len(steps)]]
-  assert all(checks), lines
-  assert [int(c.group(1)) for c in checks] == list(range(1, len(steps) + 1))
-  assert [c.group("written") for c in checks] == [_equation(step) for step in steps]
-  verdicts = [c.group(4) for c in checks]
-  assert [int(c.group(5)) for c in checks] == [verdicts[: i + 1].count("wrong") for i in range(len(steps))]
-  return [(c.group("written"), c.group("expected"), c.group(4)) for c in checks]
+  """The critique's check lines parsed, one per step, in order; each part's verdict is
+  re-derived from the two values it compares, and the running count from the verdicts."""
+  matches = [CHECK_RE.fullmatch(line) for line in lines[: len(steps)]]
+  assert all(matches), lines
+  checks = []
+  for number, (match, step) in enumerate(zip(matches, steps), start=1):
+    g = match.groups()
+    assert int(g[0]) == number
+    source = (int(g[1]), g[4], int(g[5]), int(g[12]))
+    written = (int(g[2]), g[6], int(g[7]), int(g[13]))
+    assert written == step and (int(g[9]), g[10], int(g[11])) == step[:3]  # quoted from the response
+    parts = (g[3], g[8], g[14])
+    assert parts == tuple(
+        "ok" if same else "wrong" for same in (source[0] == step[0], source[1:3] == step[1:3], source[3] == step[3])
+    )
+    checks.append(Check(source, written, parts, "wrong" if "wrong" in parts else "ok"))
+  verdicts = [check.verdict for check in checks]
+  assert [int(m.group(16)) for m in matches] == [verdicts[: i + 1].count("wrong") for i in range(len(steps))]
+  return checks
 
 
 def test_faithful_critiques_check_every_step_against_its_inputs_and_name_the_first_wrong(splits):
@@ -202,15 +221,16 @@ def test_faithful_critiques_check_every_step_against_its_inputs_and_name_the_fir
       assert lines[-2] == f"The correct final answer is {values[-1]}."
       assert lines[-1] == f"Conclusion: {record['label']}"
       steps = _response_steps(record["response"])
-      for index, (_, expected, verdict) in enumerate(_checks(lines, steps)):
-        assert expected == _equation(_expected(values, operations, steps, index))
-        assert verdict == ("ok" if steps[index] == _expected(values, operations, steps, index) else "wrong")
+      for index, check in enumerate(_checks(lines, steps)):
+        left, op, operand, _ = steps[index]
+        assert check.source == (*_expected(values, operations, steps, index)[:3], OPS[op](left, operand))
+        assert check.verdict == ("ok" if steps[index] == _expected(values, operations, steps, index) else "wrong")
       wrong = _first_wrong_step(record)
       if wrong is None:
         assert len(lines) == len(steps) + 2
         continue
       # A single error: only its step fails, later steps follow correctly from the wrong value.
-      assert [check[2] for check in _checks(lines, steps)].count("wrong") == 1
+      assert [check.verdict for check in _checks(lines, steps)].count("wrong") == 1
       correct = [(values[i], *operations[i], values[i + 1]) for i in range(len(steps))]
       assert lines[len(steps)] == f"The first wrong step is step {wrong + 1}; it should be {_equation(correct[wrong])}."
       if wrong + 1 < len(steps):
@@ -225,12 +245,13 @@ def test_flawed_critiques_are_consistent_with_their_wrong_verdict(splits):
       checks = _checks(lines, steps)
       response_answer = extract_final_answer(record["response"])
       claimed = extract_final_answer(record["critique"])
-      if record["label"] == "wrong":  # waved through: every written line expected, its answer too
-        assert all(written == expected and verdict == "ok" for written, expected, verdict in checks)
+      if record["label"] == "wrong":  # waved through: every written number believed, its answer too
+        assert all(check.source == check.written and check.verdict == "ok" for check in checks)
         assert len(lines) == len(steps) + 2 and lines[-1] == "Conclusion: right"
         assert claimed == response_answer
       else:  # a right response is flagged: one step miscomputed, the answer it leads to claimed
-        assert [verdict for _, _, verdict in checks].count("wrong") == 1 and lines[-1] == "Conclusion: wrong"
+        assert [check.parts for check in checks].count(("ok", "ok", "wrong")) == 1 and lines[-1] == "Conclusion: wrong"
+        assert [check.verdict for check in checks].count("wrong") == 1
         assert claimed != response_answer == record["answer"]
 
 
@@ -243,7 +264,7 @@ def test_train_step_errors_put_several_checked_errors_in_train_responses_only():
   for record in splits["train"]:
     values, operations = _true_values(record["query"])
     steps = _response_steps(record["response"])
-    verdicts = [v for _, _, v in _checks(record["critique"].split("\n"), steps)]
+    verdicts = [check.verdict for check in _checks(record["critique"].split("\n"), steps)]
     wrong_steps = [i for i in range(len(steps)) if steps[i] != _expected(values, operations, steps, i)]
     if record["critique_flawed"] == "0":
       assert verdicts == ["wrong" if i in wrong_steps else "ok" for i in range(len(steps))]

@@ -28,6 +28,7 @@ def data_config(data_dir, **changes):
   config.update_from_flattened_dict(
       {
           "demo.num_train": NUM_TRAIN,
+          "demo.max_steps": 3,  # three-step critiques fit a 512-token row
           "demo.num_validation": 8,
           "demo.num_test": 8,
           "max_length": 512,

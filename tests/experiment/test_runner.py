@@ -97,7 +97,8 @@ def test_tiny_experiment_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
   for name in arm_names:
     jax.tree.map(np.testing.assert_array_equal, initial_params[name], base_params)
   trains = [row["train"][0] for row in results["rows"][1:]]
-  assert {t["token_budget"] for t in trains} == {2 * 4 * 256} and {t["steps"] for t in trains} == {2}
+  budget = 2 * config.recipe.train.global_batch_size * 256  # steps x rows x length
+  assert {t["token_budget"] for t in trains} == {budget} and {t["steps"] for t in trains} == {2}
 
   # A rerun skips every stage: no training, no generation; the same table comes out.
   def fail(*args, **kwargs):
