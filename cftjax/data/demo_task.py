@@ -287,15 +287,21 @@ def response_text(steps: Sequence[Step]) -> str:
   return "\n".join(lines)
 
 
+def _expected_step(problem: Problem, steps: Sequence[Step], index: int) -> Step:
+  """Step `index` as it should read given what is written before it: it starts from the
+  previous written result (the question's start for step 1) and applies the question's
+  operation. Each step is judged on its own, so a response with several errors shows each."""
+  left = problem.start if index == 0 else steps[index - 1].result
+  op, operand = problem.operations[index]
+  return Step(left, op, operand, _apply(op, left, operand))
+
+
 def _propagate(problem: Problem, steps: list[Step], from_index: int, config: DemoConfig) -> list[Step] | None:
   """Recompute steps after `from_index` from the (wrong) value there; None if out of range."""
   for index in range(from_index + 1, len(problem.operations)):
-    op, operand = problem.operations[index]
-    left = steps[index - 1].result
-    result = _apply(op, left, operand)
-    if not _in_range(result, config):
+    steps[index] = _expected_step(problem, steps, index)
+    if not _in_range(steps[index].result, config):
       return None
-    steps[index] = Step(left, op, operand, result)
   return steps
 
 
@@ -329,13 +335,11 @@ def _corrupt_parts(rng: random.Random, step: Step, index: int, config: DemoConfi
   return step
 
 
-def _inject_error(
-    rng: random.Random, problem: Problem, config: DemoConfig, max_tries: int = 50
-) -> tuple[list[Step], int] | None:
+def _inject_error(rng: random.Random, problem: Problem, config: DemoConfig, max_tries: int = 50) -> list[Step] | None:
   """The solution with one error at a random step, or None if no valid one was found.
 
-  Returns (steps, error index). The error always changes the final answer and keeps every
-  value in [config.min_value, config.max_value).
+  The error always changes the final answer and keeps every value in
+  [config.min_value, config.max_value).
   """
   correct = list(problem.solution)
   for _ in range(max_tries):
@@ -347,7 +351,7 @@ def _inject_error(
     steps[index] = wrong
     propagated = _propagate(problem, steps, index, config)
     if propagated is not None and propagated[-1].result != problem.answer:
-      return propagated, index
+      return propagated
   return None
 
 
@@ -358,9 +362,8 @@ def _inject_errors(rng: random.Random, problem: Problem, config: DemoConfig, max
   for _ in range(max_tries):
     forced = rng.randrange(len(problem.operations))
     steps: list[Step] = []
-    for index, (op, operand) in enumerate(problem.operations):
-      left = problem.start if index == 0 else steps[-1].result
-      step = Step(left, op, operand, _apply(op, left, operand))
+    for index in range(len(problem.operations)):
+      step = _expected_step(problem, steps, index)
       if not _in_range(step.result, config):
         break
       if index == forced or rng.random() < config.train_step_error_rate:
@@ -406,13 +409,6 @@ def error_kind(query: str, response: str) -> str | None:
   return "operand" if step.operand != problem.operations[index][1] else "arithmetic"
 
 
-def _correction(problem: Problem, index: int) -> str:
-  """Step `index` as it should read: the previous step's value and the question's operation."""
-  op, operand = problem.operations[index]
-  left = problem.values[index]
-  return f"{left} {op} {operand} = {_apply(op, left, operand)}"
-
-
 def _check_line(number: int, step: Step, expected: Step, computed: int, errors_before: int) -> tuple[str, bool]:
   """One step's check in three parts, each the source first, then what is written, then
   "ok"/"wrong": the input against the previous written result (the question's start for
@@ -431,15 +427,6 @@ def _check_line(number: int, step: Step, expected: Step, computed: int, errors_b
   ok = all(part_ok for _, part_ok in parts)
   checks = "; ".join(f"{text}: {'ok' if part_ok else 'wrong'}" for text, part_ok in parts)
   return f"Step {number}: {checks}; errors so far: {errors_before + (not ok)}.", ok
-
-
-def _expected_step(problem: Problem, steps: Sequence[Step], index: int) -> Step:
-  """Step `index` as it should read given what is written before it: it starts from the
-  previous written result (the question's start for step 1) and applies the question's
-  operation. Each step is judged on its own, so a response with several errors shows each."""
-  left = problem.start if index == 0 else steps[index - 1].result
-  op, operand = problem.operations[index]
-  return Step(left, op, operand, _apply(op, left, operand))
 
 
 def _critique_lines(
@@ -499,11 +486,11 @@ def flawed_critique_text(rng: random.Random, problem: Problem, steps: Sequence[S
   rng.shuffle(candidates)
   for index, slip in candidates:
     claimed = dataclasses.replace(steps[index], result=steps[index].result + slip)
-    redone = [claimed]
-    for op, operand in problem.operations[index + 1 :]:
-      left = redone[-1].result
-      redone.append(Step(left, op, operand, _apply(op, left, operand)))
-    if all(_in_range(step.result, config) for step in redone):
+    if not _in_range(claimed.result, config):
+      continue
+    propagated = _propagate(problem, [*steps[:index], claimed, *steps[index + 1 :]], index, config)
+    if propagated is not None:
+      redone = propagated[index:]
       break
   else:  # unreachable for demo problems; say so loudly rather than emit odd values
     raise RuntimeError(f"demo data: no in-range flawed critique for {problem.canonical()!r}")
@@ -584,8 +571,7 @@ def _split_records(config: DemoConfig, split: str, problems: Sequence[Problem]) 
       if split == "train" and config.train_step_error_rate > 0:
         noisy = _inject_errors(noise_rng, problem, config)
       if noisy is None:  # also where the values' range leaves room for a single error only
-        injected = _inject_error(noise_rng, problem, config)
-        noisy = None if injected is None else injected[0]
+        noisy = _inject_error(noise_rng, problem, config)
       if noisy is None:  # never seen in 100k problems; fail loudly rather than skew labels
         raise RuntimeError(f"demo data: could not inject an error into {problem.canonical()!r}")
       steps = noisy  # its final answer differs from the true one, so the label is "wrong"
