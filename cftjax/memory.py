@@ -11,7 +11,6 @@ other backends; parameter, optimizer-state and batch bytes are exact.
 import dataclasses
 from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -86,8 +85,7 @@ def compiled_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax
   num_sources = len(sources_lib.parse_mixture(config.data.mixture))
   steps = train.compile_steps(model, tx, schedule, mesh, layout, accum, num_sources)
   batch = abstract_batch(config, mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    compiled = steps.train.__wrapped__.lower(layout.abstract, batch).compile()
+  compiled = sharding.on_mesh(steps.train.__wrapped__.lower, mesh)(layout.abstract, batch).compile()
   return compiled, layout.abstract, batch, mesh
 
 

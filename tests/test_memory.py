@@ -3,7 +3,6 @@ analysis gives for the real step on real arrays, and exact per-device state byte
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -64,8 +63,7 @@ def test_dry_run_matches_the_real_step_on_8_devices():
   host = TokenBatch(**{k: rng.integers(0, 2, size=shape).astype(TokenBatch.dtype(k)) for k in TokenBatch.fields()})
   batch = sharding.host_batch_to_global(host, mesh)
   steps = train.compile_steps(model, tx, schedule, mesh, layout, 1, 2)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    analysis = steps.train.__wrapped__.lower(state, batch).compile().memory_analysis()
+  analysis = sharding.on_mesh(steps.train.__wrapped__.lower, mesh)(state, batch).compile().memory_analysis()
   assert report.temporaries == analysis.temp_size_in_bytes
   assert report.arguments == analysis.argument_size_in_bytes
   assert report.outputs == analysis.output_size_in_bytes
