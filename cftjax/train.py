@@ -3,6 +3,8 @@
 import dataclasses
 import functools
 import math
+import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -207,6 +209,17 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[Transformer, ModelCo
   return Transformer(model_config), model_config
 
 
+def keep_tokenizer(tokenizer_path: str, workdir: Path) -> None:
+  """Copy a built tokenizer (the demo's) into workdir/tokenizer/, where evaluation and export
+  look first: a checkpoint is read with the tokenizer it was trained with, whatever the data
+  code builds later."""
+  target = workdir / "tokenizer" / "tokenizer.model"
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = target.with_suffix(".tmp")
+  shutil.copyfile(tokenizer_path, tmp)
+  os.replace(tmp, target)
+
+
 def estimate_num_steps(config, sources, tokenizer_path: str, rows_per_step: int) -> int:
   """Steps for data.num_epochs when train.num_steps=-1: the batches of one epoch, counted by
   running the pipeline once (tokenize, truncate, pack), times the epochs.
@@ -311,6 +324,8 @@ def run(
 
   prepared = sources_lib.prepare(config.data)
   tokenizer_path = sources_lib.tokenizer_path(config.data, prepared)
+  if not config.data.get("tokenizer") and Path(tokenizer_path).is_file() and jax.process_index() == 0:
+    keep_tokenizer(tokenizer_path, workdir)
   tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(

@@ -253,6 +253,11 @@ def check_metrics_logged(workdir: Path, result, batches, data_dir: Path):
   assert saved["model"]["hidden_size"] == 32 and saved["data"]["data_dir"] == str(data_dir)
   assert checkpoint_steps(workdir) == [N, 2 * N]
   assert result.last_metrics["loss"] == lines[2 * N]["loss"]
+  # The built demo tokenizer is kept with the run, and evaluation finds it there.
+  config = tiny_config(data_dir)
+  built = sources_lib.tokenizer_path(config.data, sources_lib.prepare(config.data))
+  assert (workdir / "tokenizer" / "tokenizer.model").read_bytes() == Path(built).read_bytes()
+  assert sources_lib.tokenizer_path(config.data, checkpoint_dir=workdir / "checkpoints") == str(workdir / "tokenizer")
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):

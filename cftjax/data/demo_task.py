@@ -12,13 +12,11 @@ right or wrong, stays in [0, 1000) so numbers tokenize in at most three digits.
 A CFT record critiques a noisy response: with probability `error_fraction` the response holds
 exactly one injected error (a wrong result, a misread operand or a miscopied previous value)
 and later steps carry the wrong value forward with correct arithmetic, so its final answer is
-wrong. The critique checks every step on its own, in three parts, each the source, the written
-value and "ok"/"wrong" -- the input against the previous written result, the operation against
-the question, the result against the written input and operation worked out -- then the
-running count of wrong steps ("Step 2: input 9, written 9: ok; operation - 4, written - 5:
-wrong; result 9 - 5 = 4, written 4: ok; errors so far: 1."); then it names the first wrong
-step with its correct line, redoes the solution from there, states the correct final answer
-and ends with "Conclusion: right" / "Conclusion: wrong". Like the teacher critiques in the CFT
+wrong. The critique checks each step on its own: the critic's line for it, from the written
+result before it by the question's operation, then the result as written and "ok"/"wrong"
+("Step 2: 9 - 4 = 5, written 4: wrong."; a wrong step always has a wrong result); then it
+names the first wrong step with its correct line, redoes the solution from there, states the
+correct final answer and ends with "Conclusion: right" / "Conclusion: wrong". Like the teacher critiques in the CFT
 paper, a fixed share (`flawed_critique_fraction`) of critiques reach the wrong verdict; those
 records carry "critique_flawed": "1". `train_step_error_rate` gives training responses
 several errors, so more of the checks the model learns from fail.
@@ -43,7 +41,7 @@ from pathlib import Path
 
 from cftjax import grading, objectives
 from cftjax.data import records as records_lib
-from cftjax.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from cftjax.data.tokenizer import CHAT_MARKERS, SentencePieceTokenizer, train_sentencepiece
 
 SPLITS = ("train", "validation", "test")
 # Percent buckets [low, high) of the hashed problem space owned by each split.
@@ -56,8 +54,13 @@ _OPERAND_SLIPS = (-2, -1, 1, 2)
 _PHRASES = {"+": "add", "-": "subtract", "*": "multiply by"}
 _OPS_BY_PHRASE = {phrase: op for op, phrase in _PHRASES.items()}
 # Bump when the generated text or file layout changes, so old caches are not reused.
-DATA_FORMAT_VERSION = 10
+DATA_FORMAT_VERSION = 13
 DRILL_QUERY = "Practice: work out each line."
+# Every digit one piece, with its preceding space ("▁7") or without ("7" inside "17"): with a
+# separate "▁" piece before each digit, the tokens that precede a number are all alike, and
+# copying a number by what came before it (an induction head) has nothing to match on.
+_DIGIT_PIECES = tuple(f"\u2581{digit}" for digit in range(10)) + tuple(str(digit) for digit in range(10))
+TOKENIZER_SYMBOLS = ("\n", *CHAT_MARKERS, *_DIGIT_PIECES)
 # The CFT paper's instruction; fed to tokenizer training so the prompt tokenizes compactly.
 
 
@@ -324,18 +327,25 @@ def _corrupt(rng: random.Random, step: Step, index: int, config: DemoConfig, kin
   return wrong if _in_range(wrong.result, config) else None
 
 
+# Relative rates of the error kinds in a wrong training step. Misreads (a carried value or
+# an operand) change the start of the line, slips only its result: a written result whose
+# line starts as the critic's own does must be wrong often, or copying it pays off.
+_TRAIN_KIND_RATES = {"carried": 0.3, "operand": 0.3, "arithmetic": 1.0}
+
+
 def _corrupt_parts(rng: random.Random, step: Step, index: int, config: DemoConfig) -> Step:
-  """`step` with each kind of error applied independently with probability
-  `train_step_error_rate` (at least one tried): training steps that are wrong in several
-  parts at once, so that no part of a check can be copied from the written line."""
+  """`step` with each kind of error applied independently, arithmetic slips with probability
+  `train_step_error_rate` and misreads less often (`_TRAIN_KIND_RATES`; at least one tried):
+  training steps wrong in several parts at once, or only in their result."""
   kinds = [kind for kind in ("carried", "operand", "arithmetic") if kind in config.error_kinds]
-  chosen = [kind for kind in kinds if rng.random() < config.train_step_error_rate] or [rng.choice(kinds)]
+  rate = config.train_step_error_rate
+  chosen = [kind for kind in kinds if rng.random() < rate * _TRAIN_KIND_RATES[kind]] or [rng.choice(kinds)]
   for kind in chosen:
     step = _corrupt(rng, step, index, config, kind) or step
   return step
 
 
-def _inject_error(rng: random.Random, problem: Problem, config: DemoConfig, max_tries: int = 50) -> list[Step] | None:
+def _inject_error(rng: random.Random, problem: Problem, config: DemoConfig, max_tries: int = 1000) -> list[Step] | None:
   """The solution with one error at a random step, or None if no valid one was found.
 
   The error always changes the final answer and keeps every value in
@@ -355,10 +365,19 @@ def _inject_error(rng: random.Random, problem: Problem, config: DemoConfig, max_
   return None
 
 
+def _results_reveal_errors(problem: Problem, steps: Sequence[Step]) -> bool:
+  """Whether every step that does not follow from the written line before it also has a
+  result that does not (errors that cancel out within a step are not drawn), so that
+  checking each step's result finds every wrong step."""
+  return all(
+      step == expected or step.result != expected.result for step, expected in zip(steps, _own_lines(problem, steps))
+  )
+
+
 def _inject_errors(rng: random.Random, problem: Problem, config: DemoConfig, max_tries: int = 50) -> list[Step] | None:
   """A response whose steps are each wrong with probability `train_step_error_rate` (at
   least one is), every step continuing from the previous written result; None if no
-  in-range one with a wrong final answer was found."""
+  in-range one whose wrong steps all have wrong results was found."""
   for _ in range(max_tries):
     forced = rng.randrange(len(problem.operations))
     steps: list[Step] = []
@@ -369,7 +388,8 @@ def _inject_errors(rng: random.Random, problem: Problem, config: DemoConfig, max
       if index == forced or rng.random() < config.train_step_error_rate:
         step = _corrupt_parts(rng, step, index, config)
       steps.append(step)
-    if len(steps) == len(problem.operations) and steps[-1].result != problem.answer:
+    complete = len(steps) == len(problem.operations)
+    if complete and steps[-1].result != problem.answer and _results_reveal_errors(problem, steps):
       return steps
   return None
 
@@ -409,96 +429,64 @@ def error_kind(query: str, response: str) -> str | None:
   return "operand" if step.operand != problem.operations[index][1] else "arithmetic"
 
 
-def _check_line(number: int, step: Step, expected: Step, computed: int, errors_before: int) -> tuple[str, bool]:
-  """One step's check in three parts, each the source first, then what is written, then
-  "ok"/"wrong": the input against the previous written result (the question's start for
-  step 1), the operation against the question, the result against the written input and
-  operation worked out; then the running count of wrong steps. A source always comes before
-  the written value it is compared with, so no part can copy its source from the written
-  line, and the count carries the verdicts to the conclusion."""
-  parts = (
-      (f"input {expected.left}, written {step.left}", step.left == expected.left),
-      (
-          f"operation {expected.op} {expected.operand}, written {step.op} {step.operand}",
-          (step.op, step.operand) == (expected.op, expected.operand),
-      ),
-      (f"result {step.left} {step.op} {step.operand} = {computed}, written {step.result}", step.result == computed),
-  )
-  ok = all(part_ok for _, part_ok in parts)
-  checks = "; ".join(f"{text}: {'ok' if part_ok else 'wrong'}" for text, part_ok in parts)
-  return f"Step {number}: {checks}; errors so far: {errors_before + (not ok)}.", ok
+def _check_line(number: int, step: Step, own: Step) -> str:
+  """One step's check: the critic's own line for it, the written result, the verdict. A
+  wrong step always has a wrong result (`_results_reveal_errors`), so the results decide."""
+  verdict = "ok" if step.result == own.result else "wrong"
+  return f"Step {number}: {own.equation()}, written {step.result}: {verdict}."
 
 
-def _critique_lines(
-    problem: Problem, steps: Sequence[Step], believed: bool = False, claimed: tuple[int, int] | None = None
-) -> tuple[list[str], int | None]:
-  """One check line per step, and the index of the first wrong step (None: all accepted).
-
-  Faithful by default. `believed`: a careless critic that takes every written number as its
-  source (it waves any response through). `claimed=(index, value)`: a critic that
-  miscomputes step `index` as `value`.
-  """
-  lines, wrong = [], []
-  for index, step in enumerate(steps):
-    expected = step if believed else _expected_step(problem, steps, index)
-    computed = step.result if believed else _apply(step.op, step.left, step.operand)
-    if claimed is not None and claimed[0] == index:
-      computed = claimed[1]
-    line, ok = _check_line(index + 1, step, expected, computed, len(wrong))
-    lines.append(line)
-    if not ok:
-      wrong.append(index)
-  return lines, (wrong[0] if wrong else None)
+def _critique_lines(steps: Sequence[Step], own: Sequence[Step], chain: Sequence[Step]) -> str:
+  """A critique of `steps`: each checked against the critic's own line for it (`own`), the
+  first failing one named with that line, the critic's solution (`chain`) redone from there,
+  its final answer, and the conclusion."""
+  lines = [_check_line(number, step, line) for number, (step, line) in enumerate(zip(steps, own), start=1)]
+  wrong = next((index for index, (step, line) in enumerate(zip(steps, own)) if step.result != line.result), None)
+  if wrong is None:
+    answer = steps[-1].result
+  else:
+    lines.append(f"The first wrong step is step {wrong + 1}; it should be {own[wrong].equation()}.")
+    if wrong + 1 < len(chain):
+      lines.append("Redone from there: " + ", ".join(step.equation() for step in chain[wrong + 1 :]) + ".")
+    answer = chain[-1].result
+  lines.append(f"The correct final answer is {answer}.")
+  lines.append(f"Conclusion: {'right' if wrong is None else 'wrong'}")
+  return "\n".join(lines)
 
 
-def _rejection_lines(number: int, corrected: Sequence[Step]) -> list[str]:
-  """Names the first wrong step with its correct line, then redoes the rest from it."""
-  lines = [f"The first wrong step is step {number}; it should be {corrected[0].equation()}."]
-  if len(corrected) > 1:
-    lines.append("Redone from there: " + ", ".join(step.equation() for step in corrected) + ".")
-  return lines
+def _own_lines(problem: Problem, steps: Sequence[Step]) -> list[Step]:
+  """The critic's line for each step: from the previous written result (the question's start
+  for step 1) by the question's operation. Each step is judged on its own."""
+  return [_expected_step(problem, steps, index) for index in range(len(steps))]
 
 
 def critique_text(problem: Problem, steps: Sequence[Step]) -> str:
   """A faithful critique: checks every step, names the first wrong one, gives the right answer."""
-  lines, wrong_index = _critique_lines(problem, steps)
-  if wrong_index is not None:
-    lines += _rejection_lines(wrong_index + 1, problem.solution[wrong_index:])
-  lines.append(f"The correct final answer is {problem.answer}.")
-  lines.append(f"Conclusion: {'right' if wrong_index is None else 'wrong'}")
-  return "\n".join(lines)
+  return _critique_lines(steps, _own_lines(problem, steps), problem.solution)
 
 
 def flawed_critique_text(rng: random.Random, problem: Problem, steps: Sequence[Step], config: DemoConfig) -> str:
-  """A critique whose verdict is wrong, with step checks consistent with that verdict.
+  """A critique whose verdict is wrong, its checks consistent with that verdict.
 
-  A wrong response is waved through (the critic expects every written line, its answer
-  too); a right response gets one step miscomputed by a slip, and the final answer that
-  value would lead to is stated as the correct one.
+  A wrong response is waved through (the critic's own lines are the written ones, its answer
+  too); for a right response the critic miscomputes one step by a slip, rejects it there and
+  redoes the rest from its own wrong value, claiming the answer that leads to.
   """
   if _first_wrong_step(problem, steps) is not None:
-    lines, _ = _critique_lines(problem, steps, believed=True)
-    lines.append(f"The correct final answer is {steps[-1].result}.")
-    lines.append("Conclusion: right")
-    return "\n".join(lines)
-  # A made-up value for one step, chosen so the final answer it leads to stays in range.
+    return _critique_lines(steps, steps, steps)
   candidates = [(index, slip) for index in range(len(steps)) for slip in config.arithmetic_slips]
   rng.shuffle(candidates)
   for index, slip in candidates:
     claimed = dataclasses.replace(steps[index], result=steps[index].result + slip)
     if not _in_range(claimed.result, config):
       continue
-    propagated = _propagate(problem, [*steps[:index], claimed, *steps[index + 1 :]], index, config)
-    if propagated is not None:
-      redone = propagated[index:]
-      break
-  else:  # unreachable for demo problems; say so loudly rather than emit odd values
-    raise RuntimeError(f"demo data: no in-range flawed critique for {problem.canonical()!r}")
-  lines, _ = _critique_lines(problem, steps, claimed=(index, claimed.result))
-  lines += _rejection_lines(index + 1, redone)
-  lines.append(f"The correct final answer is {redone[-1].result}.")
-  lines.append("Conclusion: wrong")
-  return "\n".join(lines)
+    chain = _propagate(problem, [*steps[:index], claimed, *steps[index + 1 :]], index, config)
+    if chain is not None:
+      own = _own_lines(problem, steps)
+      own[index] = claimed
+      return _critique_lines(steps, own, chain)
+  # unreachable for demo problems; say so loudly rather than emit odd values
+  raise RuntimeError(f"demo data: no in-range flawed critique for {problem.canonical()!r}")
 
 
 _FINAL_ANSWER_RE = re.compile(r"The (?:correct )?(?:final )?answer is\s*(-?\d+)", re.IGNORECASE)
@@ -755,7 +743,7 @@ def prepare_demo_data(data_dir: str | os.PathLike[str], config: DemoConfig) -> D
     write_jsonl(data.drill_paths[split], drill)
     if split == "train":
       train_text = list(demo_corpus_text(cft + sft + drill))
-  train_sentencepiece(train_text, directory / "tokenizer", config.vocab_size)
+  train_sentencepiece(train_text, directory / "tokenizer", config.vocab_size, user_defined_symbols=TOKENIZER_SYMBOLS)
   manifest = {
       "format_version": DATA_FORMAT_VERSION,
       "config": config_json(config),

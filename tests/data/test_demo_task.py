@@ -164,17 +164,13 @@ def test_flawed_critique_share_matches_the_setting_exactly(splits):
     assert {r["critique_flawed"] for r in records} == {expected}
 
 
-CHECK_RE = re.compile(
-    r"Step (\d+): input (\d+), written (\d+): (ok|wrong); operation ([-+*]) (\d+), written ([-+*]) (\d+): (ok|wrong); "
-    r"result (\d+) ([-+*]) (\d+) = (\d+), written (\d+): (ok|wrong); errors so far: (\d+)\."
-)
+CHECK_RE = re.compile(r"Step (\d+): (\d+) ([-+*]) (\d+) = (\d+), written (\d+): (ok|wrong)\.")
 
 
 class Check(NamedTuple):
-  source: tuple  # (input, op, operand, computed result): what the critic compares against
-  written: tuple  # (left, op, operand, result) as the check quotes the response
-  parts: tuple  # "ok"/"wrong" for input, operation, result
-  verdict: str  # "wrong" when any part is
+  own: tuple  # (left, op, operand, result): the critic's own line for the step
+  written: int  # the response's result as the check quotes it
+  verdict: str
 
 
 def _equation(step):
@@ -182,59 +178,71 @@ def _equation(step):
   return f"{left} {op} {operand} = {result}"
 
 
-def _expected(values, operations, steps, index):
-  """Step `index` as its written input and the question's operation make it."""
-  left = values[0] if index == 0 else steps[index - 1][3]
-  op, operand = operations[index]
-  return (left, op, operand, OPS[op](left, operand))
-
-
 def _checks(lines, steps):
-  """The critique's check lines parsed, one per step, in order; each part's verdict is
-  re-derived from the two values it compares, and the running count from the verdicts."""
+  """The critique's check lines parsed, one per step, in order: each quotes the response's
+  result exactly, and its verdict is re-derived from that and the critic's own result."""
   matches = [CHECK_RE.fullmatch(line) for line in lines[: len(steps)]]
   assert all(matches), lines
   checks = []
   for number, (match, step) in enumerate(zip(matches, steps), start=1):
     g = match.groups()
     assert int(g[0]) == number
-    source = (int(g[1]), g[4], int(g[5]), int(g[12]))
-    written = (int(g[2]), g[6], int(g[7]), int(g[13]))
-    assert written == step and (int(g[9]), g[10], int(g[11])) == step[:3]  # quoted from the response
-    parts = (g[3], g[8], g[14])
-    assert parts == tuple(
-        "ok" if same else "wrong" for same in (source[0] == step[0], source[1:3] == step[1:3], source[3] == step[3])
-    )
-    checks.append(Check(source, written, parts, "wrong" if "wrong" in parts else "ok"))
-  verdicts = [check.verdict for check in checks]
-  assert [int(m.group(16)) for m in matches] == [verdicts[: i + 1].count("wrong") for i in range(len(steps))]
+    own, written = (int(g[1]), g[2], int(g[3]), int(g[4])), int(g[5])
+    assert written == step[3]  # quoted from the response
+    assert g[6] == ("ok" if own[3] == written else "wrong")
+    checks.append(Check(own, written, g[6]))
   return checks
 
 
-def test_faithful_critiques_check_every_step_against_its_inputs_and_name_the_first_wrong(splits):
+def _expected(values, operations, steps, index):
+  """Step `index` as the written line before it and the question's operation make it."""
+  left = values[0] if index == 0 else steps[index - 1][3]
+  op, operand = operations[index]
+  return (left, op, operand, OPS[op](left, operand))
+
+
+def _chain(start_value, operations):
+  """The solution lines from `start_value` through `operations`, recomputed here."""
+  lines = []
+  for op, operand in operations:
+    lines.append((start_value, op, operand, OPS[op](start_value, operand)))
+    start_value = lines[-1][3]
+  return lines
+
+
+def _tail(lines, checks, redo, answer):
+  """After the checks: the first failing step named with the critic's line for it and the
+  solution redone from there (when a step fails), the final answer, the conclusion."""
+  wrong = next((i for i, check in enumerate(checks) if check.verdict == "wrong"), None)
+  tail = []
+  if wrong is not None:
+    tail.append(f"The first wrong step is step {wrong + 1}; it should be {_equation(checks[wrong].own)}.")
+    if redo:
+      tail.append("Redone from there: " + ", ".join(map(_equation, redo)) + ".")
+  tail += [f"The correct final answer is {answer}.", f"Conclusion: {'right' if wrong is None else 'wrong'}"]
+  assert lines[len(checks) :] == tail
+  return wrong
+
+
+def test_faithful_critiques_check_each_step_against_the_line_before_it_and_name_the_first_wrong(splits):
   for records in splits.values():
     for record in records:
       if record["critique_flawed"] == "1":
         continue
       values, operations = _true_values(record["query"])
       lines = record["critique"].split("\n")
-      assert lines[-2] == f"The correct final answer is {values[-1]}."
-      assert lines[-1] == f"Conclusion: {record['label']}"
       steps = _response_steps(record["response"])
-      for index, check in enumerate(_checks(lines, steps)):
-        left, op, operand, _ = steps[index]
-        assert check.source == (*_expected(values, operations, steps, index)[:3], OPS[op](left, operand))
-        assert check.verdict == ("ok" if steps[index] == _expected(values, operations, steps, index) else "wrong")
-      wrong = _first_wrong_step(record)
-      if wrong is None:
-        assert len(lines) == len(steps) + 2
-        continue
-      # A single error: only its step fails, later steps follow correctly from the wrong value.
-      assert [check.verdict for check in _checks(lines, steps)].count("wrong") == 1
-      correct = [(values[i], *operations[i], values[i + 1]) for i in range(len(steps))]
-      assert lines[len(steps)] == f"The first wrong step is step {wrong + 1}; it should be {_equation(correct[wrong])}."
-      if wrong + 1 < len(steps):
-        assert lines[len(steps) + 1] == "Redone from there: " + ", ".join(map(_equation, correct[wrong:])) + "."
+      checks = _checks(lines, steps)
+      expected = [_expected(values, operations, steps, i) for i in range(len(steps))]
+      assert [check.own for check in checks] == expected
+      # results decide: a step is called wrong exactly when it does not follow from the line before it
+      assert [check.verdict for check in checks] == ["ok" if s == e else "wrong" for s, e in zip(steps, expected)]
+      first = _first_wrong_step(record)
+      redo = [] if first is None else _chain(values[first + 1], operations[first + 1 :])
+      assert _tail(lines, checks, redo, values[-1]) == first
+      assert (first is None) == (record["label"] == "right")
+      if first is not None:  # one error (CONFIG): the later steps follow from its value
+        assert [check.verdict for check in checks].count("wrong") == 1
 
 
 def test_flawed_critiques_are_consistent_with_their_wrong_verdict(splits):
@@ -243,36 +251,40 @@ def test_flawed_critiques_are_consistent_with_their_wrong_verdict(splits):
       lines = record["critique"].split("\n")
       steps = _response_steps(record["response"])
       checks = _checks(lines, steps)
-      response_answer = extract_final_answer(record["response"])
-      claimed = extract_final_answer(record["critique"])
-      if record["label"] == "wrong":  # waved through: every written number believed, its answer too
-        assert all(check.source == check.written and check.verdict == "ok" for check in checks)
-        assert len(lines) == len(steps) + 2 and lines[-1] == "Conclusion: right"
-        assert claimed == response_answer
-      else:  # a right response is flagged: one step miscomputed, the answer it leads to claimed
-        assert [check.parts for check in checks].count(("ok", "ok", "wrong")) == 1 and lines[-1] == "Conclusion: wrong"
-        assert [check.verdict for check in checks].count("wrong") == 1
-        assert claimed != response_answer == record["answer"]
+      values, operations = _true_values(record["query"])
+      if record["label"] == "wrong":  # waved through: the critic's lines are the written ones
+        assert [check.own for check in checks] == steps and {check.verdict for check in checks} == {"ok"}
+        _tail(lines, checks, [], steps[-1][3])
+        continue
+      # a right response rejected at one step the critic miscomputes; the rest redone from its value
+      slipped = next(i for i, check in enumerate(checks) if check.verdict == "wrong")
+      assert [check.verdict for check in checks].count("wrong") == 1
+      own = checks[slipped].own
+      assert own[:3] == steps[slipped][:3] and own[3] != steps[slipped][3]
+      redo = _chain(own[3], operations[slipped + 1 :])
+      claimed = redo[-1][3] if redo else own[3]
+      _tail(lines, checks, redo, claimed)
+      assert str(claimed) != record["answer"] == str(values[-1])
 
 
-def test_train_step_errors_put_several_checked_errors_in_train_responses_only():
+def test_train_step_errors_put_several_errors_in_train_responses_only():
   config = dataclasses.replace(EASY, train_error_fraction=0.8, train_step_error_rate=0.6)
   splits = generate_splits(config)
   baseline = generate_splits(dataclasses.replace(config, train_step_error_rate=0.0))
   assert splits["test"] == baseline["test"] and splits["validation"] == baseline["validation"]
-  failing = total = several = 0
+  several = 0
   for record in splits["train"]:
     values, operations = _true_values(record["query"])
     steps = _response_steps(record["response"])
-    verdicts = [check.verdict for check in _checks(record["critique"].split("\n"), steps)]
-    wrong_steps = [i for i in range(len(steps)) if steps[i] != _expected(values, operations, steps, i)]
     if record["critique_flawed"] == "0":
-      assert verdicts == ["wrong" if i in wrong_steps else "ok" for i in range(len(steps))]
-      failing, total = failing + len(wrong_steps), total + len(steps)
+      expected = [_expected(values, operations, steps, i) for i in range(len(steps))]
+      checks = _checks(record["critique"].split("\n"), steps)
+      assert [check.verdict for check in checks] == ["ok" if s == e else "wrong" for s, e in zip(steps, expected)]
     if record["label"] == "wrong":
-      assert wrong_steps and steps[-1][3] != values[-1]
-      several += len(wrong_steps) > 1
-  assert several > 0 and failing / total > 0.3, (several, failing / total)
+      own_errors = [i for i in range(len(steps)) if steps[i] != _expected(values, operations, steps, i)]
+      assert own_errors and steps[-1][3] != values[-1]
+      several += len(own_errors) > 1
+  assert several > 0.2 * len(splits["train"]), several
   with pytest.raises(ValueError, match="train_step_error_rate"):
     DemoConfig(train_step_error_rate=1.5)
 
@@ -413,6 +425,24 @@ def test_drill_records_are_correct_single_operations_in_range():
   assert seen_ops == {"+", "-"}
   with pytest.raises(ValueError, match="drill_lines"):
     DemoConfig(drill_lines=0)
+
+
+def test_demo_tokenizer_writes_each_digit_as_one_piece(tmp_path):
+  tokenizer = prepare_demo_data(tmp_path, CONFIG).tokenizer()
+  text = "Step 2 should be 17 - 9 = 8; written 17 - 9 = 6: wrong."
+  pieces = [tokenizer.decode([token]) for token in tokenizer.encode(text)]
+  assert "".join(pieces) == text
+  assert [piece for piece in pieces if any(c.isdigit() for c in piece)] == [
+      " 2",
+      " 1",
+      "7",
+      " 9",
+      " 8",
+      " 1",
+      "7",
+      " 9",
+      " 6",
+  ]
 
 
 def test_prepare_demo_data_writes_drills_beside_the_problems(tmp_path):
