@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   evaluation = config.evaluation = ml_collections.ConfigDict()
   evaluation.num_test = 200  # held-out test problems (the demo's test split), the same for every arm
-  evaluation.answer_max_new_tokens = 64  # a demo solution is at most 45 tokens
-  evaluation.critique_max_new_tokens = 256  # a demo critique is at most 237 tokens
+  evaluation.answer_max_new_tokens = 48  # a demo solution is at most 32 tokens
+  evaluation.critique_max_new_tokens = 128  # a demo critique is at most ~95 tokens
   evaluation.batch_size = 200  # prompts per generation batch
   return config

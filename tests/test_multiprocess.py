@@ -26,7 +26,9 @@ SETTINGS = {
     "data.demo.num_train": NUM_TRAIN,
     "data.demo.num_validation": 8,
     "data.demo.num_test": 8,
-    "data.max_length": 192,  # every demo CFT example is longer: one (cut) example per row
+    "data.max_length": 192,  # a demo CFT example is ~130-170 tokens: one example per row
+    "data.mixture": "demo_cft:1.0",
+    "data.num_epochs": 1,  # the run ends when the data does
     "model.hidden_size": 32,
     "model.num_layers": 2,
     "model.num_heads": 2,
