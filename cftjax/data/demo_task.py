@@ -16,10 +16,10 @@ wrong. The critique checks each step on its own: the critic's line for it, from 
 result before it by the question's operation, then the result as written and "ok"/"wrong"
 ("Step 2: 9 - 4 = 5, written 4: wrong."; a wrong step always has a wrong result); then it
 names the first wrong step with its correct line, redoes the solution from there, states the
-correct final answer and ends with "Conclusion: right" / "Conclusion: wrong". Like the teacher critiques in the CFT
-paper, a fixed share (`flawed_critique_fraction`) of critiques reach the wrong verdict; those
-records carry "critique_flawed": "1". `train_step_error_rate` gives training responses
-several errors, so more of the checks the model learns from fail.
+correct final answer and ends with "Conclusion: right" / "Conclusion: wrong". Like the teacher
+critiques in the CFT paper, a fixed share (`flawed_critique_fraction`) of critiques reach the
+wrong verdict; those records carry "critique_flawed": "1". `train_step_error_rate` gives
+training responses several errors, so more of the checks the model learns from fail.
 
 Splits never share a problem: each problem's canonical form is hashed into a fixed bucket
 (90% train, 5% validation, 5% test), so a split's contents do not depend on the other
@@ -337,7 +337,7 @@ def _corrupt_parts(rng: random.Random, step: Step, index: int, config: DemoConfi
   """`step` with each kind of error applied independently, arithmetic slips with probability
   `train_step_error_rate` and misreads less often (`_TRAIN_KIND_RATES`; at least one tried):
   training steps wrong in several parts at once, or only in their result."""
-  kinds = [kind for kind in ("carried", "operand", "arithmetic") if kind in config.error_kinds]
+  kinds = [kind for kind in _TRAIN_KIND_RATES if kind in config.error_kinds]
   rate = config.train_step_error_rate
   chosen = [kind for kind in kinds if rng.random() < rate * _TRAIN_KIND_RATES[kind]] or [rng.choice(kinds)]
   for kind in chosen:
