@@ -117,6 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
   demo.error_kinds = "arithmetic,operand"
   demo.arithmetic_slips = "-10,-3,-2,-1,1,2,3,10"
   demo.drill_lines = 12  # Equations per demo_drill (arithmetic practice) record.
+  demo.compare_per_problem = 4  # demo_compare (check practice) records per problem of a split.
 
   # ---------------------------------------------------------------- training
   train = config.train = ml_collections.ConfigDict()

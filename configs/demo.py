@@ -10,8 +10,9 @@ key/value head the model never learned to copy the response.
 Training responses are wrong more often than test ones and in several steps, mostly by slips
 of a result (`train_error_fraction`, `train_step_error_rate`): a written result whose line
 starts as the critic's own does is then wrong about half the time, so copying it does not
-pay. Arithmetic practice (`demo_drill`) is 30% of the mixture: the critic's own lines need
-the single-digit sums and differences.
+pay. Check practice (`demo_compare`: "Check 9 - 4, written 4." -> "Check: 9 - 4 = 5, written
+4: wrong.") is 70% of the records (~22 of the ~50 checks in a step): the verdict compares
+two numbers, which this model learns only from many clean comparisons per step.
 """
 
 from configs import base
@@ -36,7 +37,7 @@ def get_config():
 
   data = config.data
   data.source = "demo"
-  data.mixture = "demo_cft:0.7,demo_drill:0.3"
+  data.mixture = "demo_cft:0.3,demo_compare:0.7"
   data.chat_template = "plain"
   data.max_length = 512  # a record is ~130-170 tokens: three to a row
   data.num_epochs = 3  # the run stops at train.num_steps, inside the third pass

@@ -54,8 +54,10 @@ _OPERAND_SLIPS = (-2, -1, 1, 2)
 _PHRASES = {"+": "add", "-": "subtract", "*": "multiply by"}
 _OPS_BY_PHRASE = {phrase: op for op, phrase in _PHRASES.items()}
 # Bump when the generated text or file layout changes, so old caches are not reused.
-DATA_FORMAT_VERSION = 13
+DATA_FORMAT_VERSION = 17
 DRILL_QUERY = "Practice: work out each line."
+# cft and sft: views of each problem; drill and compare: practice of the skills a check needs.
+RECORD_KINDS = ("cft", "sft", "drill", "compare")
 # Every digit one piece, with its preceding space ("▁7") or without ("7" inside "17"): with a
 # separate "▁" piece before each digit, the tokens that precede a number are all alike, and
 # copying a number by what came before it (an induction head) has nothing to match on.
@@ -97,6 +99,8 @@ class DemoConfig:
   arithmetic_slips: tuple[int, ...] = (-10, -3, -2, -1, 1, 2, 3, 10)
   # Equations per arithmetic practice record (`drill_records`).
   drill_lines: int = 12
+  # Check practice records (`compare_records`) per problem of a split.
+  compare_per_problem: int = 4
 
   def __post_init__(self) -> None:
     for name in ("num_train", "num_validation", "num_test"):
@@ -119,6 +123,8 @@ class DemoConfig:
           f"DemoConfig needs max(2, min_value) <= max_start < max_value, got min_value={self.min_value}, "
           f"max_start={self.max_start}, max_value={self.max_value}"
       )
+    if self.compare_per_problem < 0:
+      raise ValueError(f"DemoConfig.compare_per_problem must be >= 0, got {self.compare_per_problem}")
     if self.drill_lines < 1:
       raise ValueError(f"DemoConfig.drill_lines must be >= 1, got {self.drill_lines}")
     if self.max_add_operand < 1:
@@ -185,18 +191,15 @@ class DemoData:
   directory: Path
   config: DemoConfig
   tokenizer_path: Path
-  cft_paths: Mapping[str, Path]  # split -> JSONL of CFT records
-  sft_paths: Mapping[str, Path]  # split -> JSONL of SFT records for the same problems
-  drill_paths: Mapping[str, Path]  # split -> JSONL of arithmetic practice records
+  paths: Mapping[str, Mapping[str, Path]]  # record kind (RECORD_KINDS) -> split -> JSONL
   built: bool  # False when an existing cache was reused
 
   def records(self, split: str, kind: str = "cft") -> list[dict[str, str]]:
-    """One split's records of one kind: "cft", "sft" (both per problem) or "drill"."""
+    """One split's records of one kind (`RECORD_KINDS`)."""
     _check_split(split)
-    paths = {"cft": self.cft_paths, "sft": self.sft_paths, "drill": self.drill_paths}
-    if kind not in paths:
-      raise ValueError(f"demo record kind must be one of {sorted(paths)}, got {kind!r}")
-    return read_jsonl(paths[kind][split])
+    if kind not in self.paths:
+      raise ValueError(f"demo record kind must be one of {RECORD_KINDS}, got {kind!r}")
+    return read_jsonl(self.paths[kind][split])
 
   def tokenizer(self) -> SentencePieceTokenizer:
     return SentencePieceTokenizer(self.tokenizer_path)
@@ -624,26 +627,70 @@ def sft_records(cft_records: Iterable[Mapping[str, str]]) -> list[dict[str, str]
 def drill_records(config: DemoConfig, split: str) -> list[dict[str, str]]:
   """Arithmetic practice, the demo's stand-in for a pretrained base's arithmetic.
 
-  Each SFT record asks for `drill_lines` single operations drawn like a problem's steps
-  ("43 - 9 = 34"), one per line. They teach the arithmetic a critique must redo to catch a
-  wrong step: the critique data alone carries that signal only on the ~20% of checked steps
-  that are wrong (everywhere else copying the response is right). The records hold
-  equations, not problems, so the problem splits stay disjoint.
+  Each SFT record's query lists `drill_lines` numbered single operations drawn like a
+  problem's steps ("3: 43 - 9"); the response works each out on its line ("3: 43 - 9 = 34").
+  They teach the arithmetic a critique must redo to catch a wrong step. The random operands
+  sit in the query, so every target token follows from the prompt: operands drawn in the
+  target would be a loss no model can lower, whose gradient drowns the small signal of
+  the skills the demo needs (a probe of the demo's model learns to compare two digits in
+  ~150 steps with its loss on the verdicts, and not in 500 with the random digits trained
+  too). The records hold equations, not problems, so the problem splits stay disjoint.
   """
   _check_split(split)
   rng = random.Random(f"cftjax-demo:{config.seed}:{split}:drill")
   records = []
   for _ in range(config.split_size(split)):
-    lines = []
+    steps = []
     for _ in range(config.drill_lines):
       left = _uniform_int(rng, max(2, config.min_value), config.max_value - 1)
       op, operand = _sample_operation(rng, left, config)
-      lines.append(Step(left, op, operand, _apply(op, left, operand)).equation())
+      steps.append(Step(left, op, operand, _apply(op, left, operand)))
+    tasks = [f"{number}: {step.left} {step.op} {step.operand}" for number, step in enumerate(steps, start=1)]
     records.append(
         {
             "objective": "sft",
-            "query": DRILL_QUERY,
-            "response": "\n".join(lines),
+            "query": "\n".join([DRILL_QUERY, *tasks]),
+            "response": "\n".join(f"{number}: {step.equation()}" for number, step in enumerate(steps, start=1)),
+            "critique": "",
+            "system": "",
+            "history": "[]",
+            "answer": "",
+            "label": "",
+            "critique_flawed": "",
+        }
+    )
+  return records
+
+
+def compare_records(config: DemoConfig, split: str) -> list[dict[str, str]]:
+  """Check practice, the demo's stand-in for a pretrained base that can check a line.
+
+  Each SFT record gives one operation and a written result ("Check 9 - 4, written 4.") and
+  answers with a check line as a critique writes it ("Check: 9 - 4 = 5, written 4: wrong."):
+  the operation copied, its result worked out, the written result copied, the verdict. The
+  random parts sit in the query, so every target token follows from the prompt. Half the
+  written results are right, the others off by one of `arithmetic_slips`, as wrong steps are.
+  A critique holds a few checks among many other tokens; the verdict comes from comparing two
+  numbers, which the demo's model learns only from many clean comparisons in each step (a
+  probe: ~150 steps with ~100 a step, not in 400 with 24). `compare_per_problem` records per
+  problem of the split.
+  """
+  _check_split(split)
+  rng = random.Random(f"cftjax-demo:{config.seed}:{split}:compare")
+  records = []
+  while len(records) < config.compare_per_problem * config.split_size(split):
+    left = _uniform_int(rng, config.min_value, config.max_value - 1)
+    op, operand = _sample_operation(rng, left, config)
+    step = Step(left, op, operand, _apply(op, left, operand))
+    written = step.result if rng.random() < 0.5 else step.result + rng.choice(config.arithmetic_slips)
+    if not _in_range(written, config):
+      continue
+    verdict = "ok" if written == step.result else "wrong"
+    records.append(
+        {
+            "objective": "sft",
+            "query": f"Check {left} {op} {operand}, written {written}.",
+            "response": f"Check: {step.equation()}, written {written}: {verdict}.",
             "critique": "",
             "system": "",
             "history": "[]",
@@ -708,8 +755,8 @@ def _cache_key(config: DemoConfig) -> str:
 def prepare_demo_data(data_dir: str | os.PathLike[str], config: DemoConfig) -> DemoData:
   """Generate the demo splits and train the demo tokenizer once; reuse them afterwards.
 
-  Files go to `data_dir/demo-<hash of config>/`: `{split}.cft.jsonl`, `{split}.sft.jsonl`,
-  `{split}.drill.jsonl`, `tokenizer.model` and, written last, `manifest.json`. A directory with a manifest and all
+  Files go to `data_dir/demo-<hash of config>/`: `{split}.{kind}.jsonl` for each of
+  `RECORD_KINDS`, `tokenizer.model` and, written last, `manifest.json`. A directory with a manifest and all
   its files is complete and is reused; a different config gets its own directory. Every file is
   written atomically, so concurrent hosts building the same config cannot leave a torn file.
   """
@@ -721,13 +768,11 @@ def prepare_demo_data(data_dir: str | os.PathLike[str], config: DemoConfig) -> D
       directory=directory,
       config=config,
       tokenizer_path=directory / "tokenizer.model",
-      cft_paths={split: directory / f"{split}.cft.jsonl" for split in SPLITS},
-      sft_paths={split: directory / f"{split}.sft.jsonl" for split in SPLITS},
-      drill_paths={split: directory / f"{split}.drill.jsonl" for split in SPLITS},
+      paths={kind: {split: directory / f"{split}.{kind}.jsonl" for split in SPLITS} for kind in RECORD_KINDS},
       built=False,
   )
   manifest_path = directory / "manifest.json"
-  files = [data.tokenizer_path, *data.cft_paths.values(), *data.sft_paths.values(), *data.drill_paths.values()]
+  files = [data.tokenizer_path, *(path for by_split in data.paths.values() for path in by_split.values())]
   if manifest_path.is_file() and all(path.is_file() for path in files):
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     if manifest.get("config") == config_json(config):
@@ -736,13 +781,16 @@ def prepare_demo_data(data_dir: str | os.PathLike[str], config: DemoConfig) -> D
   directory.mkdir(parents=True, exist_ok=True)
   train_text: list[str] = []
   for split, cft in generate_splits(config).items():
-    sft = sft_records(cft)
-    drill = drill_records(config, split)
-    write_jsonl(data.cft_paths[split], cft)
-    write_jsonl(data.sft_paths[split], sft)
-    write_jsonl(data.drill_paths[split], drill)
+    by_kind = {
+        "cft": cft,
+        "sft": sft_records(cft),
+        "drill": drill_records(config, split),
+        "compare": compare_records(config, split),
+    }
+    for kind, records in by_kind.items():
+      write_jsonl(data.paths[kind][split], records)
     if split == "train":
-      train_text = list(demo_corpus_text(cft + sft + drill))
+      train_text = [text for records in by_kind.values() for text in demo_corpus_text(records)]
   train_sentencepiece(train_text, directory / "tokenizer", config.vocab_size, user_defined_symbols=TOKENIZER_SYMBOLS)
   manifest = {
       "format_version": DATA_FORMAT_VERSION,

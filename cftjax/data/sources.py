@@ -2,7 +2,8 @@
 
 `data.mixture` lists sources with sampling weights, "name:weight[,name:weight]". With
 `data.source=demo` the names are `demo_cft` and `demo_sft` (the embedded task's CFT and
-SFT views of the same problems) and `demo_drill` (arithmetic practice); with `data.source=tfds` they are datasets written by
+SFT views of the same problems), `demo_drill` (arithmetic practice) and `demo_compare`
+(comparison practice); with `data.source=tfds` they are datasets written by
 `scripts/prepare_data.py` into `data.data_dir`.
 """
 
@@ -10,7 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
-DEMO_SOURCES = ("demo_cft", "demo_sft", "demo_drill")
+DEMO_SOURCES = ("demo_cft", "demo_sft", "demo_drill", "demo_compare")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,7 @@ def demo_config(data_config: Any):
       error_kinds=_names(d.error_kinds, "data.demo.error_kinds"),
       arithmetic_slips=tuple(int(x) for x in _names(d.arithmetic_slips, "data.demo.arithmetic_slips")),
       drill_lines=d.drill_lines,
+      compare_per_problem=d.compare_per_problem,
   )
 
 

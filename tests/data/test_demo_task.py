@@ -356,7 +356,7 @@ def test_prepare_demo_data_builds_once_and_caches(tmp_path, monkeypatch, splits)
 
 def test_prepare_demo_data_rebuilds_an_incomplete_cache(tmp_path):
   data = prepare_demo_data(tmp_path, CONFIG)
-  data.cft_paths["test"].unlink()
+  data.paths["cft"]["test"].unlink()
   again = prepare_demo_data(tmp_path, CONFIG)
   assert again.built
   assert again.records("test") == generate_split(CONFIG, "test")
@@ -406,7 +406,7 @@ def test_difficulty_knob_errors_name_the_field():
     DemoConfig(arithmetic_slips=(0, 1))
 
 
-def test_drill_records_are_correct_single_operations_in_range():
+def test_drill_records_work_out_the_operations_their_query_lists():
   drills = demo_task.drill_records(dataclasses.replace(EASY, drill_lines=7), "validation")
   assert len(drills) == EASY.num_validation
   assert drills == demo_task.drill_records(dataclasses.replace(EASY, drill_lines=7), "validation")
@@ -414,11 +414,14 @@ def test_drill_records_are_correct_single_operations_in_range():
   seen_ops = set()
   for record in drills:
     assert set(record) == CANONICAL_KEYS | {"critique_flawed"}
-    assert (record["objective"], record["query"], record["label"]) == ("sft", demo_task.DRILL_QUERY, "")
+    assert (record["objective"], record["label"]) == ("sft", "")
+    instruction, *tasks = record["query"].split("\n")
     lines = record["response"].split("\n")
-    assert len(lines) == 7
-    for line in lines:
-      left, op, operand, result = re.fullmatch(r"(\d+) ([-+*]) (\d+) = (\d+)", line).groups()
+    assert instruction == demo_task.DRILL_QUERY and len(tasks) == len(lines) == 7
+    for number, (task, line) in enumerate(zip(tasks, lines), start=1):
+      # every target token follows from the query: the line copies its task and adds the result
+      assert line.startswith(task + " = ") and task.startswith(f"{number}: ")
+      left, op, operand, result = re.fullmatch(r"\d+: (\d+) ([-+*]) (\d+) = (\d+)", line).groups()
       assert int(result) == OPS[op](int(left), int(operand))
       assert 1 <= int(operand) <= 9 and all(10 <= int(v) < 100 for v in (left, result))
       seen_ops.add(op)
@@ -445,10 +448,29 @@ def test_demo_tokenizer_writes_each_digit_as_one_piece(tmp_path):
   ]
 
 
-def test_prepare_demo_data_writes_drills_beside_the_problems(tmp_path):
+def test_compare_records_check_the_line_their_query_gives_as_a_critique_does():
+  config = dataclasses.replace(EASY, num_validation=100, compare_per_problem=3)
+  records = demo_task.compare_records(config, "validation")
+  assert len(records) == 300 and records == demo_task.compare_records(config, "validation")
+  right = 0
+  for record in records:
+    assert set(record) == CANONICAL_KEYS | {"critique_flawed"} and record["objective"] == "sft"
+    left, op, operand, written = re.fullmatch(r"Check (\d+) ([-+*]) (\d+), written (\d+)\.", record["query"]).groups()
+    own = demo_task.Step(int(left), op, int(operand), OPS[op](int(left), int(operand)))
+    assert int(written) == own.result or int(written) - own.result in config.arithmetic_slips
+    assert all(config.min_value <= value < config.max_value for value in (own.left, own.result, int(written)))
+    # a critique's check of a step written with this line and result, from "Step k" on
+    check = demo_task._check_line(2, dataclasses.replace(own, result=int(written)), own)
+    assert record["response"] == "Check" + check.removeprefix("Step 2")
+    right += int(written) == own.result
+  assert 110 <= right <= 190  # half the written results are right
+
+
+def test_prepare_demo_data_writes_practice_beside_the_problems(tmp_path):
   data = prepare_demo_data(tmp_path, CONFIG)
   for split in SPLITS:
     assert data.records(split, "drill") == demo_task.drill_records(CONFIG, split)
+    assert data.records(split, "compare") == demo_task.compare_records(CONFIG, split)
   with pytest.raises(ValueError, match="record kind"):
     data.records("train", "rl")
 

@@ -43,17 +43,19 @@ def test_bad_mixture_names_the_key(spec, message):
 
 
 def test_demo_sources_and_tokenizer(tmp_path):
-  config = data_config(tmp_path, mixture="demo_cft:3,demo_sft:1,demo_drill:2")
+  config = data_config(tmp_path, mixture="demo_cft:3,demo_sft:1,demo_drill:2,demo_compare:4")
   prepared = sources_lib.prepare(config)
   sources = sources_lib.load_sources(config, "train", prepared)
   assert [(s.name, s.weight, len(s.records)) for s in sources] == [
       ("demo_cft", 3.0, 24),
       ("demo_sft", 1.0, 24),
       ("demo_drill", 2.0, 24),
+      ("demo_compare", 4.0, 24 * config.demo.compare_per_problem),
   ]
   assert {r["objective"] for r in sources[0].records} == {"cft"}
   assert {r["objective"] for r in sources[1].records} == {"sft"}
-  assert {r["query"] for r in sources[2].records} == {"Practice: work out each line."}
+  assert {r["query"].split("\n")[0] for r in sources[2].records} == {"Practice: work out each line."}
+  assert all(r["response"].startswith("Check: ") for r in sources[3].records)
   # The same problems in both views.
   assert [r["query"] for r in sources[0].records] == [r["query"] for r in sources[1].records]
   assert len(sources_lib.load_sources(config, "validation", prepared)[0].records) == 4
