@@ -29,7 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
   base = config.base = ml_collections.ConfigDict()
   base.num_problems = 2500
   base.error_fraction = 0.3  # share of its training solutions holding one error
-  base.num_steps = 200
+  base.num_steps = 400
+  # Check-practice lines per base problem (the arms practise at the recipe's share too).
+  base.practice_per_problem = 2
 
   evaluation = config.evaluation = ml_collections.ConfigDict()
   evaluation.num_test = 200  # held-out test problems (the demo's test split), the same for every arm

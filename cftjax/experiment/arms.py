@@ -12,10 +12,13 @@ from pathlib import Path
 
 import ml_collections
 
+from cftjax.data import sources
+
 # The only keys in which two arms' training configs may differ.
 ARM_KEYS = ("name", "seed", "data.shuffle_seed", "data.mixture", "data.demo.flawed_critique_fraction")
 KINDS = ("sft", "cft", "mix")
-_MIXTURES = {"sft": "demo_sft:1", "cft": "demo_cft:1", "mix": "demo_cft:1,demo_sft:1"}
+# What an arm of each kind trains in place of the recipe's demo_cft / demo_sft records.
+_OBJECTIVE_SOURCES = {"sft": ("demo_sft",), "cft": ("demo_cft",), "mix": ("demo_cft", "demo_sft")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +32,17 @@ class ArmSpec:
       return self.kind
     return f"{self.kind}_f{self.flawed_critique_fraction:g}"
 
-  @property
-  def mixture(self) -> str:
-    return _MIXTURES[self.kind]
+  def mixture(self, recipe_mixture: str) -> str:
+    """The recipe's mixture with its objective records (demo_cft, demo_sft) replaced by this
+    arm's, at their total weight, split evenly; the rest (practice: demo_compare,
+    demo_drill) kept as it is, so every arm practises alike and only the objective differs."""
+    entries = sources.parse_mixture(recipe_mixture)
+    objective = {"demo_cft", "demo_sft"}
+    share = sum(entry.weight for entry in entries if entry.name in objective) or 1.0
+    own = _OBJECTIVE_SOURCES[self.kind]
+    parts = [f"{name}:{share / len(own):g}" for name in own]
+    parts += [f"{entry.name}:{entry.weight:g}" for entry in entries if entry.name not in objective]
+    return ",".join(parts)
 
 
 def parse_arms(spec: str) -> list[ArmSpec]:
@@ -113,7 +124,7 @@ def arm_config(
   config.name = f"experiment-{arm.name}-s{seed}"
   config.seed = int(seed)
   config.data.shuffle_seed = int(seed)
-  config.data.mixture = arm.mixture
+  config.data.mixture = arm.mixture(recipe.data.mixture)
   if arm.flawed_critique_fraction is not None:
     config.data.demo.flawed_critique_fraction = float(arm.flawed_critique_fraction)
   config.model.init_from = str(base_checkpoint)

@@ -8,10 +8,16 @@ arithmetic, but not to be reliable, so every arm has room to improve direct answ
 The problems come after the arms' training problems in the demo's train-split stream (the
 demo guarantees the first n problems of a split do not depend on how many are asked for),
 so the base never sees an arm's training problem, nor (being train-split) a test problem.
+
+Beside the solutions it practises checking lines (`demo_task.compare_records`,
+`practice_per_problem` records per problem), as a pretrained base has seen text that checks
+arithmetic: every arm then starts from a model that can tell a right result from a wrong
+one, and what the arms add is the objective.
 """
 
 import dataclasses
 import json
+import random
 from pathlib import Path
 
 from cftjax.data import demo_task, tfds_builder
@@ -43,8 +49,18 @@ def base_records(demo_config: demo_task.DemoConfig, num_problems: int, error_fra
   return [{"query": r["query"], "response": r["response"], "label": r["label"]} for r in train[demo_config.num_train :]]
 
 
+def practice_records(demo_config: demo_task.DemoConfig, num_problems: int, per_problem: int) -> list[dict]:
+  """SFT rows {"query", "response"}: `per_problem` x `num_problems` check-practice lines."""
+  practice = dataclasses.replace(demo_config, num_train=num_problems, compare_per_problem=per_problem)
+  return [{"query": r["query"], "response": r["response"]} for r in demo_task.compare_records(practice, "train")]
+
+
 def prepare_base_dataset(
-    directory: str | Path, demo_config: demo_task.DemoConfig, num_problems: int, error_fraction: float
+    directory: str | Path,
+    demo_config: demo_task.DemoConfig,
+    num_problems: int,
+    error_fraction: float,
+    practice_per_problem: int = 0,
 ) -> bool:
   """Writes the base pool as a tfds dataset `DATASET_NAME` under `directory` (the base
   stage's data_dir) once; returns whether it built it.
@@ -57,6 +73,7 @@ def prepare_base_dataset(
       "demo": demo_task.config_json(demo_config),
       "num_problems": int(num_problems),
       "error_fraction": float(error_fraction),
+      "practice_per_problem": int(practice_per_problem),
   }
   settings_path = directory / "settings.json"
   info = tfds_builder.dataset_dir_of(DATASET_NAME, directory) / "dataset_info.json"
@@ -66,6 +83,8 @@ def prepare_base_dataset(
   rows = [
       {"query": r["query"], "response": r["response"]} for r in base_records(demo_config, num_problems, error_fraction)
   ]
+  rows += practice_records(demo_config, num_problems, practice_per_problem)
+  random.Random(f"cftjax-experiment-base:{demo_config.seed}").shuffle(rows)  # both kinds in validation
   # The pool's last rows are its validation split: never empty, so validation loss works.
   num_validation = max(1, round(VALIDATION_FRACTION * len(rows)))
   train_path, validation_path = directory / "base_sft.train.jsonl", directory / "base_sft.validation.jsonl"

@@ -263,7 +263,11 @@ def run_experiment(
 
   def build_base_data() -> bool:
     return base_data.prepare_base_dataset(
-        plan.base_data_dir, plan.demo_config, int(config.base.num_problems), float(config.base.error_fraction)
+        plan.base_data_dir,
+        plan.demo_config,
+        int(config.base.num_problems),
+        float(config.base.error_fraction),
+        int(config.base.get("practice_per_problem", 0)),
     )
 
   index = 0

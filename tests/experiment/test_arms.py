@@ -31,9 +31,23 @@ def test_arms_differ_only_in_data_objective_and_seed_keys():
     changed = arms.differing_keys(config_a, config_b)
     assert changed <= set(arms.ARM_KEYS), (a, b, changed - set(arms.ARM_KEYS))
   by_arm = {key[0]: c for key, c in configs.items() if key[1] == 0}
-  assert by_arm["sft"].data.mixture == "demo_sft:1"
+  assert by_arm["sft"].data.mixture == "demo_sft:0.3,demo_compare:0.7"
+  assert by_arm["cft_f0"].data.mixture == "demo_cft:0.3,demo_compare:0.7"
   assert [by_arm[n].data.demo.flawed_critique_fraction for n in ("cft_f0", "cft_f0.2", "cft_f0.4")] == [0.0, 0.2, 0.4]
-  assert by_arm["mix_f0.2"].data.mixture == "demo_cft:1,demo_sft:1"
+  assert by_arm["mix_f0.2"].data.mixture == "demo_cft:0.15,demo_sft:0.15,demo_compare:0.7"
+
+
+@pytest.mark.parametrize(
+    "recipe_mixture, kind, expected",
+    [
+        ("demo_cft:1", "sft", "demo_sft:1"),
+        ("demo_cft:1", "mix", "demo_cft:0.5,demo_sft:0.5"),
+        ("demo_cft:0.6,demo_drill:0.2,demo_compare:0.2", "sft", "demo_sft:0.6,demo_drill:0.2,demo_compare:0.2"),
+        ("demo_compare:1", "cft", "demo_cft:1,demo_compare:1"),  # no objective records: weight 1
+    ],
+)
+def test_an_arm_replaces_the_recipes_objective_records_and_keeps_its_practice(recipe_mixture, kind, expected):
+  assert arms.ArmSpec(kind, None if kind == "sft" else 0.2).mixture(recipe_mixture) == expected
 
 
 def test_arms_share_one_base_one_tokenizer_and_one_token_budget():

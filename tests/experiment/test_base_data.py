@@ -32,6 +32,20 @@ def test_base_solutions_are_partly_wrong_in_the_answer_format():
     assert (answer == str(problem.answer)) == (record["label"] == "right")
 
 
+def test_base_dataset_holds_solutions_and_check_practice(tmp_path):
+  assert base_data.prepare_base_dataset(tmp_path, DEMO, 50, 0.3, practice_per_problem=2)
+  rows = [
+      *tfds_builder.load_split(base_data.DATASET_NAME, tmp_path, "train"),
+      *tfds_builder.load_split(base_data.DATASET_NAME, tmp_path, "validation"),
+  ]
+  solutions = [r for r in rows if r["response"].startswith("Step 1: ")]
+  practice = [r for r in rows if r["response"].startswith("Check: ")]
+  assert (len(solutions), len(practice), len(rows)) == (50, 100, 150)
+  assert {r["query"] for r in solutions} == {r["query"] for r in base_data.base_records(DEMO, 50, 0.3)}
+  assert not base_data.prepare_base_dataset(tmp_path, DEMO, 50, 0.3, practice_per_problem=2)  # reused
+  assert base_data.prepare_base_dataset(tmp_path, DEMO, 50, 0.3, practice_per_problem=1)  # rebuilt
+
+
 def test_base_dataset_is_built_once_and_rebuilt_for_other_settings(tmp_path):
   assert base_data.prepare_base_dataset(tmp_path, DEMO, 100, 0.3)
   train = tfds_builder.load_split(base_data.DATASET_NAME, tmp_path, "train")
