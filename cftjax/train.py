@@ -212,8 +212,16 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[Transformer, ModelCo
 def keep_tokenizer(tokenizer_path: str, workdir: Path) -> None:
   """Copy a built tokenizer (the demo's) into workdir/tokenizer/, where evaluation and export
   look first: a checkpoint is read with the tokenizer it was trained with, whatever the data
-  code builds later."""
+  code builds later. A workdir that already keeps another one is refused: its checkpoints
+  would go on training on text its vocabulary does not match."""
   target = workdir / "tokenizer" / "tokenizer.model"
+  if target.is_file():
+    if target.read_bytes() != Path(tokenizer_path).read_bytes():
+      raise ValueError(
+          f"{target} is the tokenizer this run was trained with, but the data now builds another "
+          f"({tokenizer_path}): resume with the code that built the run, or start a new workdir"
+      )
+    return
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = target.with_suffix(".tmp")
   shutil.copyfile(tokenizer_path, tmp)

@@ -363,3 +363,16 @@ def test_estimated_steps_are_the_batches_of_the_epochs(data_dir, mixture, packin
   batches = sum(1 for _ in pipeline.make_dataset(config.data, sources, tokenizer, rows=4, train=True))
   estimate = train.estimate_num_steps(config, sources, tokenizer, 4)
   assert abs(estimate - batches) <= 1, (batches, estimate)  # epoch 2 packs a new order
+
+
+def test_a_workdir_keeps_the_tokenizer_it_was_trained_with(tmp_path):
+  built = tmp_path / "built.model"
+  built.write_bytes(b"tokenizer one")
+  workdir = tmp_path / "run"
+  train.keep_tokenizer(str(built), workdir)
+  train.keep_tokenizer(str(built), workdir)  # a resume with the same tokenizer goes on
+  assert (workdir / "tokenizer" / "tokenizer.model").read_bytes() == b"tokenizer one"
+  built.write_bytes(b"tokenizer two")  # the data code now builds another one
+  with pytest.raises(ValueError, match="trained with"):
+    train.keep_tokenizer(str(built), workdir)
+  assert (workdir / "tokenizer" / "tokenizer.model").read_bytes() == b"tokenizer one"
