@@ -26,7 +26,7 @@ import string
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from cftjax import eval_data, grading, objectives
+from cftjax import eval_data, files, grading, objectives
 
 POLICIES = ("all", "agreeing", "flawed_share")
 LEDGER_SUFFIX = ".samples.jsonl"
@@ -396,15 +396,6 @@ def read_ledger(path: Path, settings: dict) -> dict[int, dict]:
   return entries
 
 
-def _write_atomically(path: Path, text: str) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------ the run
 def make_cft_data(
     problems: Sequence[Problem],
@@ -451,7 +442,7 @@ def make_cft_data(
   entries = [done[p.index] for p in problems]
   kept, counts = select_rows(entries, selection)
   summary = summarize(entries, kept, counts, selection, samples)
-  _write_atomically(out, "".join(json.dumps(output_row(e, r)) + "\n" for e, r in kept))
+  files.write_text_atomically(out, "".join(json.dumps(output_row(e, r)) + "\n" for e, r in kept))
   summary.update(output=str(out), ledger=str(ledger))
-  _write_atomically(summary_path(out), json.dumps(summary, indent=2) + "\n")
+  files.write_text_atomically(summary_path(out), json.dumps(summary, indent=2) + "\n")
   return summary

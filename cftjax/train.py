@@ -3,8 +3,6 @@
 import dataclasses
 import functools
 import math
-import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cftjax import checkpoint as ckpt
 from cftjax import metrics as metrics_lib
-from cftjax import head_loss, objectives, optim, sharding
+from cftjax import files, head_loss, objectives, optim, sharding
 from cftjax.evaluators import EvalContext
 from cftjax.data import pipeline
 from cftjax.data.batch import TokenBatch
@@ -222,10 +220,7 @@ def keep_tokenizer(tokenizer_path: str, workdir: Path) -> None:
           f"({tokenizer_path}): resume with the code that built the run, or start a new workdir"
       )
     return
-  target.parent.mkdir(parents=True, exist_ok=True)
-  tmp = target.with_suffix(".tmp")
-  shutil.copyfile(tokenizer_path, tmp)
-  os.replace(tmp, target)
+  files.write_bytes_atomically(target, Path(tokenizer_path).read_bytes())
 
 
 def estimate_num_steps(config, sources, tokenizer_path: str, rows_per_step: int) -> int:

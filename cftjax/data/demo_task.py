@@ -35,11 +35,10 @@ import json
 import os
 import random
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from cftjax import grading, objectives
+from cftjax import files, grading, objectives
 from cftjax.data import records as records_lib
 from cftjax.data.tokenizer import CHAT_MARKERS, SentencePieceTokenizer, train_sentencepiece
 
@@ -721,16 +720,8 @@ def demo_corpus_text(records: Iterable[Mapping[str, str]]) -> Iterator[str]:
 # Files and cache
 
 
-def _write_atomically(path: Path, text: str) -> None:
-  with tempfile.NamedTemporaryFile(
-      "w", encoding="utf-8", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False
-  ) as tmp:
-    tmp.write(text)
-  os.replace(tmp.name, path)
-
-
 def write_jsonl(path: Path, records: Iterable[Mapping[str, str]]) -> None:
-  _write_atomically(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+  files.write_text_atomically(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def read_jsonl(path: Path) -> list[dict[str, str]]:
@@ -772,8 +763,8 @@ def prepare_demo_data(data_dir: str | os.PathLike[str], config: DemoConfig) -> D
       built=False,
   )
   manifest_path = directory / "manifest.json"
-  files = [data.tokenizer_path, *(path for by_split in data.paths.values() for path in by_split.values())]
-  if manifest_path.is_file() and all(path.is_file() for path in files):
+  outputs = [data.tokenizer_path, *(path for by_split in data.paths.values() for path in by_split.values())]
+  if manifest_path.is_file() and all(path.is_file() for path in outputs):
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     if manifest.get("config") == config_json(config):
       return data
@@ -795,7 +786,7 @@ def prepare_demo_data(data_dir: str | os.PathLike[str], config: DemoConfig) -> D
   manifest = {
       "format_version": DATA_FORMAT_VERSION,
       "config": config_json(config),
-      "files": sorted(path.name for path in files),
+      "files": sorted(path.name for path in outputs),
   }
-  _write_atomically(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+  files.write_json_atomically(manifest_path, manifest)
   return dataclasses.replace(data, built=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -23,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 import sentencepiece as spm
 import tokenizers
 
+from cftjax import files
 from cftjax.data.records import read_json_object
 
 # Ids of the demo SentencePiece model's special tokens (see `train_sentencepiece`).
@@ -340,8 +340,5 @@ def train_sentencepiece(
       minloglevel=2,  # errors only: training is otherwise chatty on stderr
   )
   model_path = prefix.with_name(prefix.name + ".model")
-  model_path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=model_path.parent, prefix=model_path.name, suffix=".tmp", delete=False) as tmp:
-    tmp.write(model_bytes.getvalue())
-  os.replace(tmp.name, model_path)
+  files.write_bytes_atomically(model_path, model_bytes.getvalue())
   return model_path

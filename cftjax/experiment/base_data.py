@@ -20,8 +20,8 @@ import json
 import random
 from pathlib import Path
 
+from cftjax import files
 from cftjax.data import demo_task, tfds_builder
-from cftjax.experiment import files
 
 DATASET_NAME = "experiment_base"
 VALIDATION_FRACTION = 0.02

@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from cftjax.experiment import files, stats
+from cftjax import files
+from cftjax.experiment import stats
 
 CRITIQUE_COUNTS = ("tp", "fp", "fn", "tn", "unparsed", "n")
 METRICS = (  # (key in the aggregate, label in the table and plot)

@@ -16,10 +16,10 @@ from typing import Callable, Sequence
 import jax
 import ml_collections
 
-from cftjax import train
+from cftjax import files, train
 from cftjax.data import sources
 from cftjax.experiment import arms as arms_lib
-from cftjax.experiment import base_data, evaluation, files, report
+from cftjax.experiment import base_data, evaluation, report
 
 
 @dataclasses.dataclass(frozen=True)
