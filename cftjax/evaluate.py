@@ -32,6 +32,7 @@ class LoadedModel:
   config: ml_collections.ConfigDict
   tokenizer: Any
   mesh: jax.sharding.Mesh
+  checkpoint_dir: Path | None = None  # where it was loaded from (None: a model in training)
 
 
 def load(
@@ -65,7 +66,7 @@ def load(
   config = with_dtype(config)
   model = Transformer(ModelConfig.from_config(config.model))
   tokenizer = tokenizer_lib.load_tokenizer(sources.tokenizer_path(config.data, checkpoint_dir=checkpoint_dir))
-  return LoadedModel(model, params, config, tokenizer, mesh)
+  return LoadedModel(model, params, config, tokenizer, mesh, checkpoint_dir)
 
 
 # ------------------------------------------------------------------------------ prompts
@@ -145,7 +146,7 @@ def run_demo(
 ) -> tuple[dict[str, list[dict]], dict]:
   from cftjax.data import sources
 
-  records = sources.prepare(loaded.config.data).records(split, "cft")[:limit]
+  records = sources.demo_eval_records(loaded.config.data, split, loaded.checkpoint_dir)[:limit]
   answer_examples = [{"id": i, "question": r["query"], "answer": r["answer"]} for i, r in enumerate(records)]
   answer_out = generate_texts(
       loaded, [answer_prompt(r["query"], loaded) for r in records], sampling, batch_size, progress

@@ -329,6 +329,8 @@ def run(
   tokenizer_path = sources_lib.tokenizer_path(config.data, prepared)
   if not config.data.get("tokenizer") and Path(tokenizer_path).is_file() and jax.process_index() == 0:
     keep_tokenizer(tokenizer_path, workdir)
+  if config.data.source == "demo" and jax.process_index() == 0:
+    sources_lib.keep_demo_records(prepared, workdir)
   tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(

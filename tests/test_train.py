@@ -258,6 +258,10 @@ def check_metrics_logged(workdir: Path, result, batches, data_dir: Path):
   built = sources_lib.tokenizer_path(config.data, sources_lib.prepare(config.data))
   assert (workdir / "tokenizer" / "tokenizer.model").read_bytes() == Path(built).read_bytes()
   assert sources_lib.tokenizer_path(config.data, checkpoint_dir=workdir / "checkpoints") == str(workdir / "tokenizer")
+  # So are the demo's test records, which evaluation reads from there.
+  test_records = sources_lib.prepare(config.data).records("test", "cft")
+  assert sources_lib.demo_eval_records(config.data, "test", workdir / "checkpoints") == test_records
+  assert (workdir / sources_lib.KEPT_DEMO_DIR / "test.cft.jsonl").is_file()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):

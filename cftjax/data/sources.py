@@ -121,6 +121,35 @@ def tokenizer_path(
   )
 
 
+KEPT_DEMO_DIR = "demo_eval"  # a run's copy of the demo splits it is evaluated on
+KEPT_DEMO_SPLITS = ("validation", "test")
+
+
+def keep_demo_records(prepared, workdir: str | Path) -> None:
+  """Copy the demo's validation and test CFT records into workdir/demo_eval/ (once), so a
+  checkpoint is evaluated on the text it was trained for, whatever the data code builds later."""
+  from cftjax import files
+
+  for split in KEPT_DEMO_SPLITS:
+    target = Path(workdir) / KEPT_DEMO_DIR / f"{split}.cft.jsonl"
+    if not target.is_file():
+      files.write_bytes_atomically(target, Path(prepared.paths["cft"][split]).read_bytes())
+
+
+def demo_eval_records(data_config: Any, split: str, checkpoint_dir: str | Path | None = None) -> list[dict]:
+  """A split's demo CFT records: the copy a checkpoint's run kept (`keep_demo_records`, in the
+  checkpoint directory or the one above it), else the demo data as the code builds it now."""
+  from cftjax.data import demo_task
+
+  if checkpoint_dir is not None and split in KEPT_DEMO_SPLITS:
+    checkpoint_dir = Path(checkpoint_dir)
+    for directory in (checkpoint_dir, checkpoint_dir.parent):
+      kept = directory / KEPT_DEMO_DIR / f"{split}.cft.jsonl"
+      if kept.is_file():
+        return demo_task.read_jsonl(kept)
+  return prepare(data_config).records(split, "cft")
+
+
 def load_sources(data_config: Any, split: str, prepared=None) -> list[Source]:
   entries = parse_mixture(data_config.mixture)
   sources = []

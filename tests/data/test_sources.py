@@ -124,3 +124,20 @@ def test_a_checkpoints_tokenizer_is_found_beside_it(tmp_path):
   assert sources_lib.tokenizer_path(config, checkpoint_dir=imported) == "/configured/tokenizer.json"
   with pytest.raises(FileNotFoundError, match=r"no tokenizer for .*bare: its config has no data.tokenizer"):
     sources_lib.tokenizer_path(data_config(tmp_path, source="tfds"), checkpoint_dir=tmp_path / "bare")
+
+
+def test_evaluation_reads_the_demo_records_a_run_kept(tmp_path):
+  config = data_config(tmp_path / "data")
+  prepared = sources_lib.prepare(config)
+  workdir = tmp_path / "run"
+  sources_lib.keep_demo_records(prepared, workdir)
+  assert sources_lib.demo_eval_records(config, "test", workdir / "checkpoints") == prepared.records("test", "cft")
+  # The data code now builds other records: the run's copy is what its checkpoints are read with.
+  kept = workdir / sources_lib.KEPT_DEMO_DIR / "test.cft.jsonl"
+  kept.write_text(kept.read_text().splitlines()[0] + "\n")
+  assert len(sources_lib.demo_eval_records(config, "test", workdir / "checkpoints")) == 1
+  sources_lib.keep_demo_records(prepared, workdir)  # kept once: a resume does not overwrite it
+  assert len(sources_lib.demo_eval_records(config, "test", workdir)) == 1
+  # Without a kept copy (another run, or the train split) the records come from the data code.
+  assert sources_lib.demo_eval_records(config, "test", tmp_path / "other") == prepared.records("test", "cft")
+  assert sources_lib.demo_eval_records(config, "train", workdir) == prepared.records("train", "cft")
