@@ -623,6 +623,11 @@ def sft_records(cft_records: Iterable[Mapping[str, str]]) -> list[dict[str, str]
   return records
 
 
+def _practice_record(query: str, response: str) -> dict[str, str]:
+  """An SFT record of practice (no problem: no answer, label or critique)."""
+  return {**records_lib.make_record(objective="sft", query=query, response=response), "critique_flawed": ""}
+
+
 def drill_records(config: DemoConfig, split: str) -> list[dict[str, str]]:
   """Arithmetic practice, the demo's stand-in for a pretrained base's arithmetic.
 
@@ -645,19 +650,8 @@ def drill_records(config: DemoConfig, split: str) -> list[dict[str, str]]:
       op, operand = _sample_operation(rng, left, config)
       steps.append(Step(left, op, operand, _apply(op, left, operand)))
     tasks = [f"{number}: {step.left} {step.op} {step.operand}" for number, step in enumerate(steps, start=1)]
-    records.append(
-        {
-            "objective": "sft",
-            "query": "\n".join([DRILL_QUERY, *tasks]),
-            "response": "\n".join(f"{number}: {step.equation()}" for number, step in enumerate(steps, start=1)),
-            "critique": "",
-            "system": "",
-            "history": "[]",
-            "answer": "",
-            "label": "",
-            "critique_flawed": "",
-        }
-    )
+    answers = [f"{number}: {step.equation()}" for number, step in enumerate(steps, start=1)]
+    records.append(_practice_record("\n".join([DRILL_QUERY, *tasks]), "\n".join(answers)))
   return records
 
 
@@ -686,17 +680,10 @@ def compare_records(config: DemoConfig, split: str) -> list[dict[str, str]]:
       continue
     verdict = "ok" if written == step.result else "wrong"
     records.append(
-        {
-            "objective": "sft",
-            "query": f"Check {left} {op} {operand}, written {written}.",
-            "response": f"Check: {step.equation()}, written {written}: {verdict}.",
-            "critique": "",
-            "system": "",
-            "history": "[]",
-            "answer": "",
-            "label": "",
-            "critique_flawed": "",
-        }
+        _practice_record(
+            f"Check {left} {op} {operand}, written {written}.",
+            f"Check: {step.equation()}, written {written}: {verdict}.",
+        )
     )
   return records
 
