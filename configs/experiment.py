@@ -18,12 +18,15 @@ def get_config() -> ml_collections.ConfigDict:
   # The demo's three-step problems number 5,832 (5,249 train-split): the arms train on the
   # first 2,500 train problems, the base on the next 2,500.
   config.recipe.data.demo.num_train = 2500
+  # SFT records are short (~60 tokens), so the sft arm reads ~19 a step: 600 steps need ~4.5
+  # passes over its 2,500 problems (a stage that runs out of data stops the experiment).
+  config.recipe.data.num_epochs = 6
 
   # Arms: "sft" (correct solutions), "cft:F" (critiques, a share F of them flawed),
   # "mix:F" (CFT + SFT records of the same problems, 1:1).
   config.arms = "sft,cft:0,cft:0.2,cft:0.4,mix:0.2"
-  config.seeds = "0,1"  # each arm runs once per seed (data order and RNG)
-  config.arm_steps = 150  # every arm: same steps x rows x length, same schedule
+  config.seeds = "0"  # each arm runs once per seed (data order and RNG); "0,1" doubles the arms
+  config.arm_steps = 600  # every arm: same steps x rows x length, same schedule
 
   # The base every arm starts from: SFT on partly noisy solutions to problems no arm sees.
   base = config.base = ml_collections.ConfigDict()
@@ -31,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   base.error_fraction = 0.3  # share of its training solutions holding one error
   base.num_steps = 400
   # Check-practice lines per base problem (the arms practise at the recipe's share too).
-  base.practice_per_problem = 2
+  base.practice_per_problem = 3
 
   evaluation = config.evaluation = ml_collections.ConfigDict()
   evaluation.num_test = 200  # held-out test problems (the demo's test split), the same for every arm
