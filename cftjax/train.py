@@ -213,14 +213,15 @@ def keep_tokenizer(tokenizer_path: str, workdir: Path) -> None:
   code builds later. A workdir that already keeps another one is refused: its checkpoints
   would go on training on text its vocabulary does not match."""
   target = workdir / "tokenizer" / "tokenizer.model"
+  built = Path(tokenizer_path).read_bytes()
   if target.is_file():
-    if target.read_bytes() != Path(tokenizer_path).read_bytes():
+    if target.read_bytes() != built:
       raise ValueError(
           f"{target} is the tokenizer this run was trained with, but the data now builds another "
           f"({tokenizer_path}): resume with the code that built the run, or start a new workdir"
       )
     return
-  files.write_bytes_atomically(target, Path(tokenizer_path).read_bytes())
+  files.write_bytes_atomically(target, built)
 
 
 def estimate_num_steps(config, sources, tokenizer_path: str, rows_per_step: int) -> int:

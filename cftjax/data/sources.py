@@ -11,6 +11,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
+from cftjax import files
+
 DEMO_SOURCES = ("demo_cft", "demo_sft", "demo_drill", "demo_compare")
 
 
@@ -95,6 +97,16 @@ def prepare(data_config: Any):
   raise ValueError(f"config key data.source={data_config.source!r} is not 'demo' or 'tfds'")
 
 
+def _kept_with_run(checkpoint_dir: str | Path, relative: str, is_kept=Path.is_file) -> Path | None:
+  """What a run kept beside its checkpoints (tokenizer/, demo_eval/...): under the given
+  checkpoint directory or the run directory above it, or None."""
+  checkpoint_dir = Path(checkpoint_dir)
+  for directory in (checkpoint_dir, checkpoint_dir.parent):
+    if is_kept(directory / relative):
+      return directory / relative
+  return None
+
+
 def tokenizer_path(
     data_config: Any, prepared=None, checkpoint_dir: str | Path | None = None, build_demo: bool = True
 ) -> str:
@@ -103,17 +115,15 @@ def tokenizer_path(
   built if `prepared` is not given and `build_demo`. Load it with tokenizer.load_tokenizer."""
   if data_config.get("tokenizer"):
     return data_config.tokenizer
-  if checkpoint_dir is not None:
-    checkpoint_dir = Path(checkpoint_dir)
-    for candidate in (checkpoint_dir / "tokenizer", checkpoint_dir.parent / "tokenizer"):
-      if candidate.is_dir():
-        return str(candidate)
+  kept = None if checkpoint_dir is None else _kept_with_run(checkpoint_dir, "tokenizer", Path.is_dir)
+  if kept is not None:
+    return str(kept)
   if data_config.get("source") == "demo" and (prepared or build_demo):
     return str((prepared or prepare(data_config)).tokenizer_path)
   if checkpoint_dir is not None:
     raise FileNotFoundError(
         f"no tokenizer for {checkpoint_dir}: its config has no data.tokenizer and there is no "
-        f"{checkpoint_dir / 'tokenizer'} directory"
+        f"{Path(checkpoint_dir) / 'tokenizer'} directory"
     )
   raise ValueError(
       "config key data.tokenizer is empty: set it to a SentencePiece .model, a tokenizer.json "
@@ -128,8 +138,6 @@ KEPT_DEMO_SPLITS = ("validation", "test")
 def keep_demo_records(prepared, workdir: str | Path) -> None:
   """Copy the demo's validation and test CFT records into workdir/demo_eval/ (once), so a
   checkpoint is evaluated on the text it was trained for, whatever the data code builds later."""
-  from cftjax import files
-
   for split in KEPT_DEMO_SPLITS:
     target = Path(workdir) / KEPT_DEMO_DIR / f"{split}.cft.jsonl"
     if not target.is_file():
@@ -142,11 +150,9 @@ def demo_eval_records(data_config: Any, split: str, checkpoint_dir: str | Path |
   from cftjax.data import demo_task
 
   if checkpoint_dir is not None and split in KEPT_DEMO_SPLITS:
-    checkpoint_dir = Path(checkpoint_dir)
-    for directory in (checkpoint_dir, checkpoint_dir.parent):
-      kept = directory / KEPT_DEMO_DIR / f"{split}.cft.jsonl"
-      if kept.is_file():
-        return demo_task.read_jsonl(kept)
+    kept = _kept_with_run(checkpoint_dir, f"{KEPT_DEMO_DIR}/{split}.cft.jsonl")
+    if kept is not None:
+      return demo_task.read_jsonl(kept)
   return prepare(data_config).records(split, "cft")
 
 

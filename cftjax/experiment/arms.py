@@ -37,7 +37,7 @@ class ArmSpec:
     arm's, at their total weight, split evenly; the rest (practice: demo_compare,
     demo_drill) kept as it is, so every arm practises alike and only the objective differs."""
     entries = sources.parse_mixture(recipe_mixture)
-    objective = {"demo_cft", "demo_sft"}
+    objective = {name for names in _OBJECTIVE_SOURCES.values() for name in names}
     share = sum(entry.weight for entry in entries if entry.name in objective) or 1.0
     own = _OBJECTIVE_SOURCES[self.kind]
     parts = [f"{name}:{share / len(own):g}" for name in own]
