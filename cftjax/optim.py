@@ -1,5 +1,6 @@
 """The optax chain: global-norm clipping, AdamW without decay on norms and biases,
-warmup then cosine/linear/constant decay.
+warmup then cosine/linear/constant decay, or warmup-stable-decay (the peak held, then a
+cosine over the last `optim.decay_ratio` of the steps).
 
 Gradient accumulation is done by the train step itself (sums of micro-batch gradients of
 a loss already normalised by the global token count), so the optimizer sees one exact
@@ -13,7 +14,7 @@ import optax
 
 from cftjax import sharding
 
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
 NO_DECAY_LEAVES = ("scale", "bias")  # RMSNorm scales and projection biases
 
 
@@ -40,6 +41,8 @@ def learning_rate_schedule(optim_config: Any, num_steps: int) -> optax.Schedule:
     decay = optax.linear_schedule(peak, end, decay_steps)
   elif kind == "constant":
     decay = optax.constant_schedule(peak)
+  elif kind == "wsd":
+    decay = _stable_then_decay(optim_config, peak, end, decay_steps)
   else:
     raise ValueError(f"config key optim.schedule={kind!r} is not one of {SCHEDULES}")
   if warmup == 0:
@@ -48,6 +51,22 @@ def learning_rate_schedule(optim_config: Any, num_steps: int) -> optax.Schedule:
   return optax.join_schedules(
       [optax.linear_schedule(peak / warmup, peak, warmup - 1) if warmup > 1 else optax.constant_schedule(peak), decay],
       [warmup],
+  )
+
+
+def _stable_then_decay(optim_config: Any, peak: float, end: float, steps: int) -> optax.Schedule:
+  """The peak for the first 1 - decay_ratio of `steps`, then a cosine down to `end`: a run
+  learns at the full rate until its last stretch, where cosine has already halved it by the
+  middle of the run."""
+  ratio = float(optim_config.decay_ratio)
+  if not 0.0 < ratio <= 1.0:
+    raise ValueError(f"config key optim.decay_ratio={ratio} must be in (0, 1]")
+  tail = max(int(round(ratio * steps)), 1)
+  if tail >= steps:
+    return optax.cosine_decay_schedule(peak, steps, alpha=end / peak if peak else 0.0)
+  return optax.join_schedules(
+      [optax.constant_schedule(peak), optax.cosine_decay_schedule(peak, tail, alpha=end / peak if peak else 0.0)],
+      [steps - tail],
   )
 
 

@@ -146,7 +146,8 @@ def get_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- optimizer
   optim = config.optim = ml_collections.ConfigDict()
   optim.learning_rate = 5e-6  # Peak learning rate.
-  optim.schedule = "cosine"  # cosine | linear | constant (after warmup)
+  optim.schedule = "cosine"  # cosine | linear | constant | wsd (after warmup)
+  optim.decay_ratio = 0.2  # wsd: the final share of the post-warmup steps that decays.
   optim.warmup_ratio = 0.1  # Warmup as a fraction of num_steps (used if warmup_steps < 0).
   optim.warmup_steps = -1  # Explicit warmup steps; overrides warmup_ratio when >= 0.
   optim.end_lr_ratio = 0.0  # Final learning rate as a fraction of the peak.

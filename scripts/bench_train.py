@@ -39,6 +39,12 @@ _STEPS = flags.DEFINE_integer("steps", 8, "Timed steps per side (median reported
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per side first (compilation, caches).")
 _BATCH = flags.DEFINE_integer("batch", 0, "Rows per step (0: 4 on CPU, 8 for gpu_1b).")
 _LENGTH = flags.DEFINE_integer("length", 0, "Tokens per row (0: 512 on CPU, 2048 for gpu_1b).")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices",
+    1,
+    "CPU: host devices cftjax's step is data-parallel over (its worker runs with "
+    "XLA_FLAGS=--xla_force_host_platform_device_count=N; the batch splits N ways).",
+)
 _SCAN_LAYERS = flags.DEFINE_bool("scan_layers", True, "cftjax's model.scan_layers.")
 _MATMUL = flags.DEFINE_bool("matmul", True, "Also measure bare-matmul GFLOP/s of the step's shapes.")
 _CONFIG = flags.DEFINE_enum(
@@ -142,7 +148,7 @@ def model_config(shape_name: str, **overrides):
 class JaxSide:
   """cftjax's compiled train step on one device, state donated, batch copied per step."""
 
-  def __init__(self, shape_name: str, batch: int, length: int, **model_overrides):
+  def __init__(self, shape_name: str, batch: int, length: int, devices: int = 1, **model_overrides):
     import jax
     import ml_collections
     import numpy as np
@@ -158,7 +164,10 @@ class JaxSide:
         dict(OPTIM, schedule="constant", warmup_steps=0, warmup_ratio=0.0, end_lr_ratio=1.0)
     )
     tx, schedule = optim.make_optimizer(optim_config, num_steps=1000)
-    self.mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
+    if len(jax.devices()) < devices:
+      raise SystemExit(f"--cpu_devices={devices}: jax sees {len(jax.devices())} devices")
+    mesh_config = ml_collections.ConfigDict(dict(data=devices, fsdp=1, tensor=1))
+    self.mesh = sharding.make_mesh(mesh_config, jax.devices()[:devices])
     layout = train.state_layout(model, tx, self.mesh, seed=0)
     self.steps = train.compile_steps(model, tx, schedule, self.mesh, layout, accum=1, num_sources=1)
     self.state = train.init_state(model, tx, self.mesh, 0, layout)
@@ -295,8 +304,12 @@ class Worker:
       args.append(f"--remat_policy={_REMAT.value}")
     if _ATTENTION.value:
       args.append(f"--attention_impl={_ATTENTION.value}")
+    env = dict(os.environ)
+    if side == "jax" and _CPU_DEVICES.value > 1:
+      count = f"--xla_force_host_platform_device_count={_CPU_DEVICES.value}"
+      env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {count}".strip()
     self.name = side
-    self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     self.ask_reply = None
 
   def send(self, **command) -> None:
@@ -348,6 +361,7 @@ def side_by_side(shape_name: str, batch: int, length: int, steps: int, warmup: i
       batch=batch,
       length=length,
       scan_layers=_SCAN_LAYERS.value,
+      cpu_devices=_CPU_DEVICES.value,
       steps=steps,
   )
   for name, t in times.items():
@@ -424,7 +438,7 @@ def main(argv):
         overrides["remat_policy"] = _REMAT.value
       if _ATTENTION.value:
         overrides["attention_impl"] = _ATTENTION.value
-      serve(JaxSide(_SHAPE.value, batch, length, **overrides))
+      serve(JaxSide(_SHAPE.value, batch, length, _CPU_DEVICES.value, **overrides))
     else:
       serve(TorchSide(_SHAPE.value, batch, length))
     return
@@ -443,7 +457,7 @@ def main(argv):
     print(
         f"batch {batch} x {length}, median of {_STEPS.value} steps after {_WARMUP.value}, steps "
         f"alternating; torch {torch.__version__} ({torch.get_num_threads()} threads); "
-        f"scan_layers={_SCAN_LAYERS.value}; load average {os.getloadavg()[0]:.1f}"
+        f"scan_layers={_SCAN_LAYERS.value}; cftjax on {_CPU_DEVICES.value} CPU device(s); load average {os.getloadavg()[0]:.1f}"
     )
     print(
         f"{'shape':>5} {'params':>7} | {'cftjax tok/s':>9} {'GFLOP/s':>7} {'matmul':>7} | "

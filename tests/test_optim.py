@@ -62,6 +62,25 @@ def test_constant_schedule_and_no_warmup():
   np.testing.assert_allclose(lr, 1e-3, rtol=1e-6)  # step 0 already at the peak
 
 
+def test_wsd_holds_the_peak_then_decays_by_cosine_over_the_last_share():
+  lr = learning_rates(optim_config(schedule="wsd", decay_ratio=0.2), num_steps=110)
+  peak, end = 1e-3, 1e-4
+  np.testing.assert_allclose(lr[:10], peak * np.arange(1, 11) / 10, rtol=1e-6)
+  # 100 post-warmup steps: the peak through step 89, then 20 steps of cosine to the end.
+  np.testing.assert_allclose(lr[10:91], peak, rtol=1e-6)
+  np.testing.assert_allclose(lr[100], (peak + end) / 2, rtol=1e-5)
+  np.testing.assert_allclose(lr[110], end, rtol=1e-5)
+  assert lr[91] < peak and np.all(np.diff(lr[90:]) < 0)
+
+
+def test_wsd_with_the_whole_run_decaying_is_cosine():
+  np.testing.assert_allclose(
+      learning_rates(optim_config(schedule="wsd", decay_ratio=1.0), num_steps=50),
+      learning_rates(optim_config(schedule="cosine"), num_steps=50),
+      rtol=1e-6,
+  )
+
+
 def test_warmup_longer_than_the_run_is_clipped():
   config = optim_config(warmup_steps=50)
   assert optim.warmup_steps(config, 20) == 20
@@ -73,6 +92,7 @@ def test_warmup_longer_than_the_run_is_clipped():
     "changes, num_steps, message",
     [
         ({"schedule": "exp"}, 10, "optim.schedule='exp'"),
+        ({"schedule": "wsd", "decay_ratio": 0.0}, 10, "optim.decay_ratio=0.0"),
         ({"warmup_steps": -1, "warmup_ratio": 1.5}, 10, "optim.warmup_ratio=1.5"),
         ({}, 0, "positive number of steps"),
     ],

@@ -267,7 +267,7 @@ def run_experiment(
         plan.demo_config,
         int(config.base.num_problems),
         float(config.base.error_fraction),
-        int(config.base.get("practice_per_problem", 0)),
+        int(config.base.practice_per_problem),
     )
 
   index = 0
