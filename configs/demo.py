@@ -9,10 +9,13 @@ key/value head the model never learned to copy the response.
 
 Training responses are wrong more often than test ones and in several steps, mostly by slips
 of a result (`train_error_fraction`, `train_step_error_rate`): a written result whose line
-starts as the critic's own does is then wrong about half the time, so copying it does not
-pay. Check practice (`demo_compare`: "Check 9 - 4, written 4." -> "Check: 9 - 4 = 5, written
-4: wrong.") is 70% of the records (~22 of the ~50 checks in a step): the verdict compares
-two numbers, which this model learns only from many clean comparisons per step.
+starts as the critic's own does is then often wrong, so copying it does not pay. Check
+practice (`demo_compare`: "Check 9 - 4, written 4." -> "Check:
+9 - 4 = 5, written 4: wrong.") is 70% of the records: the verdict compares two numbers,
+which this model learns only from many clean comparisons per step. 16 rows of 256 tokens (a
+critique and its practice lines each) hold ~80 checks a step, where 4 x 512 held ~51 and
+the comparison was learned by step 600 in two runs of three (now by step 400 in three of
+three); attention over 256-token rows also costs a quarter less per token.
 """
 
 from configs import base
@@ -39,8 +42,8 @@ def get_config():
   data.source = "demo"
   data.mixture = "demo_cft:0.3,demo_compare:0.7"
   data.chat_template = "plain"
-  data.max_length = 512  # a record is ~130-170 tokens: three to a row
-  data.num_epochs = 3  # the run stops at train.num_steps, inside the third pass
+  data.max_length = 256  # a critique record is ~130-150 tokens: one to a row, with practice lines
+  data.num_epochs = 3  # the run stops at train.num_steps first
   demo = data.demo
   # 5,832 problems exist (8 starts x 9^3 operation sequences); 90% of them are train.
   demo.num_train, demo.num_validation, demo.num_test = 5000, 200, 250
@@ -48,14 +51,15 @@ def get_config():
   demo.max_add_operand, demo.max_multiplier = 9, 0
   demo.error_kinds, demo.arithmetic_slips = "arithmetic,operand,carried", "-2,-1,1,2"
   demo.min_steps, demo.max_steps = 3, 3
-  # 90% of train responses wrong, each step with probability 0.7 (at least one): ~57% of
-  # training checks fail, and a written result whose line starts right is wrong 47% of the
-  # time. Validation and test keep single-error responses, half of them wrong.
+  # 90% of train responses wrong, each step with probability 0.7 (at least one): a written
+  # result whose line starts as the critic's own does is wrong 36% of the time, a response's
+  # operand differs from the query's in 10% of lines. Validation and test keep single-error
+  # responses, half of them wrong.
   demo.train_error_fraction, demo.train_step_error_rate = 0.9, 0.7
 
   train = config.train
-  train.global_batch_size = 4
-  train.num_steps = 600
+  train.global_batch_size = 16
+  train.num_steps = 400
   train.log_every = 10
   train.eval_every = 100
   train.eval_batches = 2

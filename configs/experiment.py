@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   # The demo's three-step problems number 5,832 (5,249 train-split): the arms train on the
   # first 2,500 train problems, the base on the next 2,500.
   config.recipe.data.demo.num_train = 2500
-  # SFT records are short (~60 tokens), so the sft arm reads ~19 a step: 600 steps need ~4.5
+  # SFT records are short (~60 tokens), so the sft arm reads ~25 a step: 400 steps need ~4
   # passes over its 2,500 problems (a stage that runs out of data stops the experiment).
   config.recipe.data.num_epochs = 6
 
@@ -26,13 +26,13 @@ def get_config() -> ml_collections.ConfigDict:
   # "mix:F" (CFT + SFT records of the same problems, 1:1).
   config.arms = "sft,cft:0,cft:0.2,cft:0.4,mix:0.2"
   config.seeds = "0"  # each arm runs once per seed (data order and RNG); "0,1" doubles the arms
-  config.arm_steps = 600  # every arm: same steps x rows x length, same schedule
+  config.arm_steps = config.recipe.train.num_steps  # every arm: the demo's steps x rows x length and schedule
 
   # The base every arm starts from: SFT on partly noisy solutions to problems no arm sees.
   base = config.base = ml_collections.ConfigDict()
   base.num_problems = 2500
   base.error_fraction = 0.3  # share of its training solutions holding one error
-  base.num_steps = 400
+  base.num_steps = 200
   # Check-practice lines per base problem (the arms practise at the recipe's share too).
   base.practice_per_problem = 3
 

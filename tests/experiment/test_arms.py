@@ -22,7 +22,7 @@ def all_arm_configs(config):
 def test_default_experiment_has_the_issues_arms_and_a_seed_per_60_minutes():
   config = experiment.get_config()
   assert [a.name for a in arms.parse_arms(config.arms)] == ["sft", "cft_f0", "cft_f0.2", "cft_f0.4", "mix_f0.2"]
-  # Five arms of 600 steps fit 60 minutes on 2 cores once; more seeds are one override away.
+  # Five arms of the demo's length fit 60 minutes on 2 cores once; more seeds are one override away.
   assert arms.parse_seeds(config.seeds) == [0] and arms.parse_seeds("0,1") == [0, 1]
 
 
