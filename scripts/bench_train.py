@@ -1,7 +1,7 @@
 """Benchmark: cftjax's train step side by side with transformers + torch, and on a GPU.
 
   python scripts/bench_train.py [--shapes=demo,45m,110m] [--steps=8] [--warmup=2]
-      [--batch=4] [--length=512] [--noscan_layers] [--out=FILE.json]
+      [--batch=4] [--length=512] [--noscan_layers] [--cpu_devices=1] [--out=FILE.json]
   python scripts/bench_train.py --config=gpu_1b [--batch=8] [--length=2048]   # or --gpu
 
 CPU (the default): for each shape two worker processes are started, one running cftjax's
