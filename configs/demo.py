@@ -10,9 +10,9 @@ key/value head the model never learned to copy the response.
 Training responses are wrong more often than test ones and in several steps, mostly by slips
 of a result (`train_error_fraction`, `train_step_error_rate`): a written result whose line
 starts as the critic's own does is then often wrong, so copying it does not pay. Check
-practice (`demo_compare`: "Check 9 - 4, written 4." -> "Check:
-9 - 4 = 5, written 4: wrong.") is 70% of the records: the verdict compares two numbers,
-which this model learns only from many clean comparisons per step. 16 rows of 256 tokens (a
+practice (`demo_compare`: "Check 9 - 4, written 4." -> "Check: 9 - 4 = 5, written 4:
+wrong.") is 70% of the records: the verdict compares two numbers, which this model learns
+only from many clean comparisons per step. 16 rows of 256 tokens (a
 critique and its practice lines each) hold ~80 checks a step, where 4 x 512 held ~51 and
 the comparison was learned by step 600 in two runs of three (now by step 400 in three of
 three); attention over 256-token rows also costs a quarter less per token.
