@@ -15,7 +15,7 @@ wrong.") is 70% of the records: the verdict compares two numbers, which this mod
 only from many clean comparisons per step. 16 rows of 256 tokens (a
 critique and its practice lines each) hold ~80 checks a step, where 4 x 512 held ~51 and
 the comparison was learned by step 600 in two runs of three (now by step 400 in three of
-three); attention over 256-token rows also costs a quarter less per token.
+four); attention over 256-token rows also costs a quarter less per token.
 """
 
 from configs import base
