@@ -35,14 +35,15 @@ def learning_rate_schedule(optim_config: Any, num_steps: int) -> optax.Schedule:
   warmup = warmup_steps(optim_config, num_steps)
   decay_steps = max(num_steps - warmup, 1)
   kind = optim_config.schedule
+  alpha = end / peak if peak else 0.0  # cosine's floor as a fraction of the peak
   if kind == "cosine":
-    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak if peak else 0.0)
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=alpha)
   elif kind == "linear":
     decay = optax.linear_schedule(peak, end, decay_steps)
   elif kind == "constant":
     decay = optax.constant_schedule(peak)
   elif kind == "wsd":
-    decay = _stable_then_decay(optim_config, peak, end, decay_steps)
+    decay = _stable_then_decay(optim_config, peak, alpha, decay_steps)
   else:
     raise ValueError(f"config key optim.schedule={kind!r} is not one of {SCHEDULES}")
   if warmup == 0:
@@ -54,8 +55,8 @@ def learning_rate_schedule(optim_config: Any, num_steps: int) -> optax.Schedule:
   )
 
 
-def _stable_then_decay(optim_config: Any, peak: float, end: float, steps: int) -> optax.Schedule:
-  """The peak for the first 1 - decay_ratio of `steps`, then a cosine down to `end`: a run
+def _stable_then_decay(optim_config: Any, peak: float, alpha: float, steps: int) -> optax.Schedule:
+  """The peak for the first 1 - decay_ratio of `steps`, then a cosine down to alpha * peak: a run
   learns at the full rate until its last stretch, where cosine has already halved it by the
   middle of the run."""
   ratio = float(optim_config.decay_ratio)
@@ -63,10 +64,9 @@ def _stable_then_decay(optim_config: Any, peak: float, end: float, steps: int) -
     raise ValueError(f"config key optim.decay_ratio={ratio} must be in (0, 1]")
   tail = max(int(round(ratio * steps)), 1)
   if tail >= steps:
-    return optax.cosine_decay_schedule(peak, steps, alpha=end / peak if peak else 0.0)
+    return optax.cosine_decay_schedule(peak, steps, alpha=alpha)
   return optax.join_schedules(
-      [optax.constant_schedule(peak), optax.cosine_decay_schedule(peak, tail, alpha=end / peak if peak else 0.0)],
-      [steps - tail],
+      [optax.constant_schedule(peak), optax.cosine_decay_schedule(peak, tail, alpha=alpha)], [steps - tail]
   )
 
 

@@ -146,7 +146,8 @@ def model_config(shape_name: str, **overrides):
 
 # ------------------------------------------------------------------------------ workers
 class JaxSide:
-  """cftjax's compiled train step on one device, state donated, batch copied per step."""
+  """cftjax's compiled train step, data-parallel over `devices` devices, state donated, batch
+  copied per step."""
 
   def __init__(self, shape_name: str, batch: int, length: int, devices: int = 1, **model_overrides):
     import jax
@@ -299,6 +300,7 @@ class Worker:
         f"--batch={batch}",
         f"--length={length}",
         f"--scan_layers={_SCAN_LAYERS.value}",
+        f"--cpu_devices={_CPU_DEVICES.value}",
     ]
     if _REMAT.value:
       args.append(f"--remat_policy={_REMAT.value}")
