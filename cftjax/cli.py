@@ -17,6 +17,8 @@ from typing import Callable
 
 from absl import app, flags
 
+from cftjax import host_memory
+
 USER_ERROR_EXIT = 2
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # cftjax/, configs/, scripts/
 _OWN_CODE = tuple(str(PACKAGE_ROOT / d) + os.sep for d in ("cftjax", "configs", "scripts"))
@@ -161,6 +163,7 @@ def train_main(config, workdir: str | None, config_filename: str) -> None:
     raise UserError(f"config file {config_file} does not exist (--config={config_filename})")
   quiet_library_logs()
   maybe_initialize_distributed()
+  host_memory.keep_step_memory()
   workdir = Path(workdir) if workdir else default_workdir(config_filename)
   try:
     result = train.run(config, workdir, evaluators=evaluators.from_config(config))
@@ -186,6 +189,7 @@ def experiment_main(config, workdir: str | None, config_filename: str) -> None:
   from cftjax.experiment import runner
 
   quiet_library_logs()
+  host_memory.keep_step_memory()
   workdir = Path(workdir) if workdir else default_workdir(config_filename)
   try:
     runner.run_experiment(config, workdir)
@@ -207,6 +211,7 @@ def eval_main(flags) -> None:
   from cftjax import evaluate, selection
 
   quiet_library_logs()
+  host_memory.keep_step_memory()
   if flags.task in ("math", "critique") and not flags.data:
     raise UserError(f"--task={flags.task} needs --data=FILE.jsonl")
   mesh_config = ml_collections.ConfigDict(

@@ -46,6 +46,11 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "XLA_FLAGS=--xla_force_host_platform_device_count=N; the batch splits N ways).",
 )
 _SCAN_LAYERS = flags.DEFINE_bool("scan_layers", True, "cftjax's model.scan_layers.")
+_KEEP_STEP_MEMORY = flags.DEFINE_bool(
+    "keep_step_memory",
+    True,
+    "cftjax keeps its step's freed scratch memory for the next step, as scripts/train.py does (cftjax.host_memory).",
+)
 _MATMUL = flags.DEFINE_bool("matmul", True, "Also measure bare-matmul GFLOP/s of the step's shapes.")
 _CONFIG = flags.DEFINE_enum(
     "config",
@@ -301,6 +306,7 @@ class Worker:
         f"--length={length}",
         f"--scan_layers={_SCAN_LAYERS.value}",
         f"--cpu_devices={_CPU_DEVICES.value}",
+        f"--keep_step_memory={_KEEP_STEP_MEMORY.value}",
     ]
     if _REMAT.value:
       args.append(f"--remat_policy={_REMAT.value}")
@@ -364,6 +370,7 @@ def side_by_side(shape_name: str, batch: int, length: int, steps: int, warmup: i
       length=length,
       scan_layers=_SCAN_LAYERS.value,
       cpu_devices=_CPU_DEVICES.value,
+      keep_step_memory=_KEEP_STEP_MEMORY.value,
       steps=steps,
   )
   for name, t in times.items():
@@ -440,6 +447,10 @@ def main(argv):
         overrides["remat_policy"] = _REMAT.value
       if _ATTENTION.value:
         overrides["attention_impl"] = _ATTENTION.value
+      if _KEEP_STEP_MEMORY.value:
+        from cftjax import host_memory
+
+        host_memory.keep_step_memory()
       serve(JaxSide(_SHAPE.value, batch, length, _CPU_DEVICES.value, **overrides))
     else:
       serve(TorchSide(_SHAPE.value, batch, length))
@@ -459,7 +470,7 @@ def main(argv):
     print(
         f"batch {batch} x {length}, median of {_STEPS.value} steps after {_WARMUP.value}, steps "
         f"alternating; torch {torch.__version__} ({torch.get_num_threads()} threads); "
-        f"scan_layers={_SCAN_LAYERS.value}; cftjax on {_CPU_DEVICES.value} CPU device(s); load average {os.getloadavg()[0]:.1f}"
+        f"scan_layers={_SCAN_LAYERS.value}; cftjax on {_CPU_DEVICES.value} CPU device(s), keep_step_memory={_KEEP_STEP_MEMORY.value}; load average {os.getloadavg()[0]:.1f}"
     )
     print(
         f"{'shape':>5} {'params':>7} | {'cftjax tok/s':>9} {'GFLOP/s':>7} {'matmul':>7} | "
