@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 
 from cftjax import cli  # noqa: E402
 from cftjax import generate as gen  # noqa: E402
-from cftjax import hf, sharding  # noqa: E402
+from cftjax import hf, host_memory, sharding  # noqa: E402
 from cftjax.model import ModelConfig, Transformer  # noqa: E402
 
 _MODELS = flags.DEFINE_list("models", ["demo", "100m"], "Model sizes to run: demo, 100m.")
@@ -48,6 +48,12 @@ _SCAN_LAYERS = flags.DEFINE_bool(
     True,
     "Our model.scan_layers (False unrolls the layers: on CPU each scanned "
     "decode step copies its layer's weights, so unrolled decodes faster).",
+)
+_KEEP_STEP_MEMORY = flags.DEFINE_bool(
+    "keep_step_memory",
+    True,
+    "Keep freed step memory for the next call, as scripts/eval.py does (cftjax.host_memory; "
+    "malloc's settings are the process's, so torch's side gets them too).",
 )
 _OUT = flags.DEFINE_string("out", "", "Optional JSON file for the results.")
 
@@ -148,12 +154,14 @@ def main(argv):
   del argv
   import torch
 
+  if _KEEP_STEP_MEMORY.value:
+    host_memory.keep_step_memory()
   p_len, n_new, repeats = _PROMPT_LENGTH.value, _NEW_TOKENS.value, _REPEATS.value
   results = []
   print(
       f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} "
       f"with {torch.get_num_threads()} threads; prompt {p_len} tokens, {n_new} new tokens; "
-      f"scan_layers={_SCAN_LAYERS.value}; load average {os.getloadavg()[0]:.1f}"
+      f"scan_layers={_SCAN_LAYERS.value}; keep_step_memory={_KEEP_STEP_MEMORY.value}; load average {os.getloadavg()[0]:.1f}"
   )
   header = (
       f"{'model':>6} {'params':>7} {'batch':>5} | {'prefill tok/s':>13} {'hf':>9} {'ratio':>6} | "
