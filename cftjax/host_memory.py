@@ -40,8 +40,10 @@ def keep_step_memory() -> bool:
   its dispatch mode when it is created. No effect on GPU or TPU backends."""
   import jax
 
-  jax.config.update("jax_cpu_enable_async_dispatch", False)  # only the CPU client reads it
   libc = _glibc()
-  if jax.default_backend() != "cpu" or libc is None:
+  if libc is None:  # without mallopt, inline dispatch would only cost its overlap
+    return False
+  jax.config.update("jax_cpu_enable_async_dispatch", False)  # only the CPU client reads it
+  if jax.default_backend() != "cpu":
     return False
   return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _MAX_TRIM_THRESHOLD))
