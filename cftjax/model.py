@@ -25,6 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cftjax import attention
 
@@ -116,10 +117,11 @@ def constrain(x: Array, *names: str) -> Array:
 
 
 # ------------------------------------------------------------------------------ RoPE
-def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
-  """Per-pair inverse frequencies, with Llama 3.1 rescaling when configured."""
-  exponents = jnp.arange(0, config.head_dim, 2, dtype=jnp.float32) / config.head_dim
-  inv_freq = 1.0 / (config.rope_theta**exponents)
+def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
+  """Per-pair inverse frequencies (float32, as Hugging Face computes them), with Llama 3.1
+  rescaling when configured."""
+  exponents = np.arange(0, config.head_dim, 2, dtype=np.float32) / np.float32(config.head_dim)
+  inv_freq = (1.0 / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
   if config.rope_scaling_type == "llama3":
     factor = config.rope_scaling_factor
     low_wavelen = config.rope_original_max_position / config.rope_low_freq_factor
@@ -129,20 +131,34 @@ def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
         config.rope_high_freq_factor - config.rope_low_freq_factor
     )
     smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    inv_freq = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    inv_freq = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
     is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    inv_freq = jnp.where(is_medium, smoothed, inv_freq)
+    inv_freq = np.where(is_medium, smoothed, inv_freq).astype(np.float32)
   return inv_freq
 
 
-def apply_rope(x_BxLxNxH: Array, positions_BxL: Array, inv_freq: Array) -> Array:
+def rope_tables(positions_BxL: Array, inv_freq: np.ndarray, num_positions: int) -> tuple[Array, Array]:
+  """(cos, sin) of every position's rotary angles, [B, L, 1, H] float32, for all layers.
+
+  Gathered from tables of positions 0 .. num_positions - 1 built on the host, so they are
+  constants of the program: computed in it, XLA fused cos and sin into every layer's rope,
+  forward and backward, and recomputed them each time (~10% of the CPU demo step).
+  num_positions is the row length for packed rows (each example's positions restart at 0)
+  and the cache length when decoding; a position past it gives NaN, never a wrong angle.
+  """
+  angles = np.arange(num_positions, dtype=np.float32)[:, None] * inv_freq[None, :]  # float32, as HF
+  angles = np.concatenate([angles, angles], axis=-1)
+  tables = (np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32))
+  return tuple(jnp.take(jnp.asarray(t), positions_BxL, axis=0, mode="fill")[:, :, None, :] for t in tables)
+
+
+def apply_rope(x_BxLxNxH: Array, tables: tuple[Array, Array]) -> Array:
   """Rotary embedding in the "rotate half" layout Hugging Face checkpoints use."""
-  angles = positions_BxL.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
-  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  cos_BxLx1xH, sin_BxLx1xH = tables
   x = x_BxLxNxH.astype(jnp.float32)
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x_BxLxNxH.dtype)
+  return (x * cos_BxLx1xH + rotated * sin_BxLx1xH).astype(x_BxLxNxH.dtype)
 
 
 # ------------------------------------------------------------------------------ layers
@@ -219,7 +235,7 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xQxK, kv_cache=None, cache_index=None):
+  def __call__(self, x_BxLxD, rope_BxLx1xH, mask_Bx1xQxK, kv_cache=None, cache_index=None):
     cfg = self.config
     q = _dense(
         cfg,
@@ -248,9 +264,8 @@ class Attention(nn.Module):
         cfg.qkv_bias,
         ("kv_heads", "head_dim"),
     )(x_BxLxD)
-    inv_freq = rope_inverse_frequencies(cfg)
-    q = constrain(apply_rope(q, positions_BxL, inv_freq), "act_batch", "act_length", "act_heads", None)
-    k = constrain(apply_rope(k, positions_BxL, inv_freq), "act_batch", "act_length", "act_kv_heads", None)
+    q = constrain(apply_rope(q, rope_BxLx1xH), "act_batch", "act_length", "act_heads", None)
+    k = constrain(apply_rope(k, rope_BxLx1xH), "act_batch", "act_length", "act_kv_heads", None)
     v = constrain(v, "act_batch", "act_length", "act_kv_heads", None)
     new_cache = None
     if kv_cache is not None:
@@ -283,10 +298,10 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, layer_cache, positions_BxL, mask_Bx1xQxK, cache_index):
+  def __call__(self, x_BxLxD, layer_cache, rope_BxLx1xH, mask_Bx1xQxK, cache_index):
     attn_out, new_cache = Attention(self.config, name="attn")(
         RMSNorm(self.config, name="attn_norm")(x_BxLxD),
-        positions_BxL,
+        rope_BxLx1xH,
         mask_Bx1xQxK,
         layer_cache,
         cache_index,
@@ -387,13 +402,15 @@ class Transformer(nn.Module):
       layer_caches = {"k": cache["k"], "v": cache["v"]}
 
     x = constrain(self.embed(tokens_BxL), "act_batch", "act_length", "act_embed")
+    num_positions = length if cache is None else cache["k"].shape[2]
+    rope = rope_tables(positions_BxL, rope_inverse_frequencies(cfg), num_positions)
     if cfg.scan_layers:
-      x, new_layer_caches = self.layers(x, layer_caches, positions_BxL, mask, cache_index)
+      x, new_layer_caches = self.layers(x, layer_caches, rope, mask, cache_index)
     else:
       outs = []
       for i, layer in enumerate(self.layer_list):
         layer_cache = None if layer_caches is None else jax.tree.map(lambda c: c[i], layer_caches)
-        x, out = layer(x, layer_cache, positions_BxL, mask, cache_index)
+        x, out = layer(x, layer_cache, rope, mask, cache_index)
         outs.append(out)
       new_layer_caches = None if layer_caches is None else jax.tree.map(lambda *c: jnp.stack(c), *outs)
 

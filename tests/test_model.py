@@ -165,6 +165,23 @@ def test_remat_gives_the_same_loss_and_grads_as_no_remat(base_params, no_remat_l
 
 
 # ------------------------------------------------------------------------------ attention heads
+def test_the_compiled_gradient_computes_no_cos_or_sin(base_params):
+  """RoPE's cos and sin are constants of the program, gathered by position: XLA recomputed
+  them in every layer's rope, forward and backward, when the program computed them."""
+  tokens, positions, segments, targets, weights = packed_inputs()
+  hlo = compiled_loss_and_grads(BASE).lower(base_params, tokens, positions, segments, targets, weights)
+  text = hlo.compile().as_text()
+  assert " cosine(" not in text and " sine(" not in text
+
+
+def test_a_position_past_the_rope_table_gives_nan_not_a_wrong_angle(base_params):
+  tokens, positions, segments, _, _ = packed_inputs()
+  positions = positions.copy()
+  positions[0, 3] = LENGTH  # tables cover positions 0 .. LENGTH - 1 of a row
+  logits = np.asarray(compiled_forward(BASE)(base_params, tokens, positions, segments))
+  assert np.isnan(logits[0, 3]).all() and np.isfinite(logits[1]).all()
+
+
 def test_grouped_query_attention_equals_mha_with_repeated_kv_heads(base_params, base_logits):
   mha = variant(num_kv_heads=BASE.num_heads)
   group = BASE.num_heads // BASE.num_kv_heads
