@@ -59,7 +59,9 @@ def get_config():
 
   train = config.train
   train.global_batch_size = 16
-  train.num_steps = 400
+  # 400 steps learned the check-practice comparison in some seeds only (its loss plateaus near
+  # 0.12, then drops anywhere from step 250 to past 400); by 600 it had in seeds 0-3.
+  train.num_steps = 600
   train.log_every = 10
   train.eval_every = 100
   train.eval_batches = 2
