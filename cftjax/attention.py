@@ -135,7 +135,7 @@ def _block_attention_bwd(saved, d_out_BxMxRxGxH):
   return d_q, d_k.astype(k_BxMxKxH.dtype), d_v.astype(v_BxMxKxH.dtype), None
 
 
-_block_attention.defvjp(lambda q, k, v, mask: _block_forward(q, k, v, mask), _block_attention_bwd)
+_block_attention.defvjp(_block_forward, _block_attention_bwd)
 
 
 def _scanned_blocks(q_BxMxLxGxH, k_BxMxLxH, v_BxMxLxH, ids_BxL, window: int, block: int):
