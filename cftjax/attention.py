@@ -272,6 +272,34 @@ def _splash_kernel(length: int, num_heads: int, block: int, window: int, interpr
   return kernel_lib.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
+def cached_attention(
+    q_BxQxNxH: jax.Array,
+    k_BxMxHxK: jax.Array,
+    v_BxMxKxH: jax.Array,
+    mask_Bx1xQxK: jax.Array,
+    impl: AttentionImpl = "xla",
+) -> jax.Array:
+  """Attention of Q new positions over a KV cache in cftjax.model.init_cache's layouts
+  (keys [B, M, H, K], values [B, M, K, H]) under a dense [B, 1, Q, K] mask. Both dots are
+  plain batched matmuls over (batch, kv head) that read the cache where it lies; cuDNN
+  gets the layout it takes."""
+  if impl == "cudnn":
+    k_BxKxMxH, v_BxKxMxH = k_BxMxHxK.transpose(0, 3, 1, 2), v_BxMxKxH.transpose(0, 2, 1, 3)
+    return dot_product_attention(q_BxQxNxH, k_BxKxMxH, v_BxKxMxH, mask_Bx1xQxK, impl)
+  batch, q_len, num_heads, head_dim = q_BxQxNxH.shape
+  num_kv_heads, keys = v_BxMxKxH.shape[1], v_BxMxKxH.shape[2]
+  group = num_heads // num_kv_heads
+  q_BxMxQxGxH = q_BxQxNxH.reshape(batch, q_len, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
+  q_BxMxRxH = q_BxMxQxGxH.reshape(batch, num_kv_heads, q_len * group, head_dim)  # R = Q * G rows
+  scores = jnp.einsum("bmrh,bmhk->bmrk", q_BxMxRxH, k_BxMxHxK, preferred_element_type=jnp.float32)
+  scores = (scores * head_dim**-0.5).reshape(batch, num_kv_heads, q_len, group, keys)
+  scores = jnp.where(mask_Bx1xQxK[:, :, :, None, :], scores, jnp.finfo(jnp.float32).min)
+  probs_BxMxRxK = jax.nn.softmax(scores, axis=-1).reshape(batch, num_kv_heads, q_len * group, keys)
+  out_BxMxRxH = jnp.einsum("bmrk,bmkh->bmrh", probs_BxMxRxK.astype(v_BxMxKxH.dtype), v_BxMxKxH)
+  out_BxMxQxGxH = out_BxMxRxH.reshape(batch, num_kv_heads, q_len, group, head_dim)
+  return out_BxMxQxGxH.transpose(0, 2, 1, 3, 4).reshape(batch, q_len, num_heads, head_dim)
+
+
 def dot_product_attention(
     q_BxQxNxH: jax.Array,
     k_BxKxMxH: jax.Array,

@@ -228,9 +228,11 @@ def generate_tokens(
 
   # The last new token is never fed back, so P + N - 1 slots suffice.
   cache = init_cache(model.config, batch, prompt_len + max_new_tokens - 1)
-  cache_axes = (None, "act_batch", None, "act_kv_heads", None)
-  cache["k"] = nn.with_logical_constraint(cache["k"], cache_axes)
-  cache["v"] = nn.with_logical_constraint(cache["v"], cache_axes)
+  layer_axes = ("act_batch", "act_kv_heads", None, None)
+  for name in ("k", "v"):
+    stacked = isinstance(cache[name], jax.Array)
+    axes = (None, *layer_axes) if stacked else layer_axes
+    cache[name] = jax.tree.map(lambda c, axes=axes: nn.with_logical_constraint(c, axes), cache[name])
 
   # Pad slots are masked out, but they still pass through the model: feed token 0 there so
   # a pad_id outside the vocabulary cannot turn them into NaN (0 * NaN leaks through).

@@ -267,14 +267,18 @@ class Attention(nn.Module):
     q = constrain(apply_rope(q, rope_BxLx1xH), "act_batch", "act_length", "act_heads", None)
     k = constrain(apply_rope(k, rope_BxLx1xH), "act_batch", "act_length", "act_kv_heads", None)
     v = constrain(v, "act_batch", "act_length", "act_kv_heads", None)
-    new_cache = None
-    if kv_cache is not None:
+    if kv_cache is None:
+      out, new_cache = attention.dot_product_attention(q, k, v, mask_Bx1xQxK, cfg.attention_impl), None
+    else:
       # Write this chunk's keys/values at the shared slot offset, attend over the cache.
-      k_cache = jax.lax.dynamic_update_slice_in_dim(kv_cache["k"], k.astype(kv_cache["k"].dtype), cache_index, axis=1)
-      v_cache = jax.lax.dynamic_update_slice_in_dim(kv_cache["v"], v.astype(kv_cache["v"].dtype), cache_index, axis=1)
-      new_cache = {"k": k_cache, "v": v_cache}
-      k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-    out = attention.dot_product_attention(q, k, v, mask_Bx1xQxK, cfg.attention_impl)
+      def write(cache, new_BxQxMxH, layout):
+        new = new_BxQxMxH.transpose(layout).astype(cache.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, cache_index, axis=layout.index(1))
+
+      new_cache = {"k": write(kv_cache["k"], k, (0, 2, 3, 1)), "v": write(kv_cache["v"], v, (0, 2, 1, 3))}
+      out = attention.cached_attention(
+          q, new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype), mask_Bx1xQxK, cfg.attention_impl
+      )
     out = constrain(out, "act_batch", "act_length", "act_heads", None)
     out = _dense(cfg, cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), "o_proj")(out)
     return out, new_cache
@@ -325,12 +329,25 @@ def params_init_fn(model: "Transformer", seed: int = 0, seq_len: int = 8):
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None) -> dict:
-  """Empty KV cache: stacked per-layer keys/values, slot segment ids, write index."""
+  """Empty KV cache: keys/values, slot segment ids, write index.
+
+  Each layer's keys are [B, M, H, K] and values [B, M, K, H]: the layouts their decoding
+  dots (q @ k, probs @ v) read as they lie, where a [B, K, M, H] cache was transposed in
+  every layer at every token. Stacked over a leading layers axis for scanned layers; a
+  tuple of per-layer buffers for unrolled ones, so each layer writes its own buffer in
+  place (restacking copied the whole cache at every token).
+  """
   dtype = dtype or config.jnp_dtype
-  shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+  m, h = config.num_kv_heads, config.head_dim
+
+  def empty(*shape):
+    if config.scan_layers:
+      return jnp.zeros((config.num_layers, *shape), dtype)
+    return tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+
   return {
-      "k": jnp.zeros(shape, dtype),
-      "v": jnp.zeros(shape, dtype),
+      "k": empty(batch_size, m, h, max_length),
+      "v": empty(batch_size, m, max_length, h),
       "segment_ids": jnp.zeros((batch_size, max_length), jnp.int32),
       "index": jnp.zeros((), jnp.int32),
   }
@@ -402,17 +419,18 @@ class Transformer(nn.Module):
       layer_caches = {"k": cache["k"], "v": cache["v"]}
 
     x = constrain(self.embed(tokens_BxL), "act_batch", "act_length", "act_embed")
-    num_positions = length if cache is None else cache["k"].shape[2]
+    num_positions = length if cache is None else cache["segment_ids"].shape[1]
     rope = rope_tables(positions_BxL, rope_inverse_frequencies(cfg), num_positions)
     if cfg.scan_layers:
       x, new_layer_caches = self.layers(x, layer_caches, rope, mask, cache_index)
     else:
       outs = []
       for i, layer in enumerate(self.layer_list):
-        layer_cache = None if layer_caches is None else jax.tree.map(lambda c: c[i], layer_caches)
+        layer_cache = None if layer_caches is None else {"k": layer_caches["k"][i], "v": layer_caches["v"][i]}
         x, out = layer(x, layer_cache, rope, mask, cache_index)
         outs.append(out)
-      new_layer_caches = None if layer_caches is None else jax.tree.map(lambda *c: jnp.stack(c), *outs)
+      if layer_caches is not None:
+        new_layer_caches = {name: tuple(out[name] for out in outs) for name in ("k", "v")}
 
     x = self.final_norm(x)
     if return_hidden:

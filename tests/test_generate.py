@@ -2,6 +2,8 @@
 
 import dataclasses
 import functools
+import math
+import re
 
 import flax.linen as nn
 import jax
@@ -12,7 +14,7 @@ import pytest
 
 from cftjax import generate as gen
 from cftjax import hf, sharding
-from cftjax.model import ModelConfig, Transformer
+from cftjax.model import ModelConfig, Transformer, init_cache
 
 VOCAB = 64
 NEW_TOKENS = 8
@@ -308,3 +310,48 @@ def test_unrolled_layers_score_like_the_scanned_model():
   want, _ = model.apply({"params": params}, tokens, positions, segments)
   got, _ = unrolled.apply({"params": unrolled_params}, tokens, positions, segments)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_decoding_writes_the_cache_in_place():
+  """Each decode step writes one slot of each layer's keys/values and reads the cache as it
+  lies: no op of the compiled loop copies, transposes or restacks a cache-sized buffer."""
+  config = tiny_config(scan_layers=False)
+  model, params = init_params(config)
+  batch, length, new_tokens = 4, 32, 8
+  program = functools.partial(
+      gen.generate_tokens,
+      model=model,
+      max_new_tokens=new_tokens,
+      temperature=0.0,
+      top_p=1.0,
+      eos_ids=(),
+      pad_id=0,
+  )
+  tokens, lengths = gen.left_pad(PROMPTS, length, pad_id=0)
+  text = jax.jit(program).lower(params, tokens, lengths, np.zeros((batch, 2), np.uint32)).compile().as_text()
+  slots = length + new_tokens - 1
+  one_layer = batch * config.num_kv_heads * slots * config.head_dim
+  moved = []
+  for match in re.finditer(r"= \w+\[([\d,]*)\]\S* (copy|transpose|concatenate)\(", text):
+    dims = [int(d) for d in match.group(1).split(",") if d]
+    if slots in dims and math.prod(dims) >= one_layer:  # a layer's keys or values, or more
+      moved.append(match.group(0))
+  assert not moved, moved
+
+
+def test_scanned_model_decodes_from_its_stacked_cache_like_the_unrolled_one():
+  """init_cache stacks the layers' keys/values for a scanned model and keeps one buffer per
+  layer for an unrolled one; both decode to the same logits."""
+  model, params = init_params(tiny_config(scan_layers=True), seed=2)
+  unrolled, unrolled_params = gen.unrolled_layers(model, params)
+  rng = np.random.default_rng(0)
+  prompt = jnp.asarray(rng.integers(1, VOCAB, (2, 5)), jnp.int32)
+  ones = jnp.ones((2, 5), jnp.int32)
+  logits = []
+  for m, p in ((model, params), (unrolled, unrolled_params)):
+    cache = init_cache(m.config, 2, 8)
+    assert isinstance(cache["k"], tuple) != m.config.scan_layers
+    _, cache = m.apply({"params": p}, prompt, jnp.cumsum(ones, 1) - 1, ones, cache)
+    step, _ = m.apply({"params": p}, prompt[:, :1], jnp.full((2, 1), 5), ones[:, :1], cache)
+    logits.append(step)
+  np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-6)
