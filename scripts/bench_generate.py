@@ -46,8 +46,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (media
 _SCAN_LAYERS = flags.DEFINE_bool(
     "scan_layers",
     True,
-    "Our model.scan_layers (False unrolls the layers: on CPU each scanned "
-    "decode step copies its layer's weights, so unrolled decodes faster).",
+    "Our model.scan_layers at import. generate() decodes with layers unrolled either way "
+    "(cftjax.generate.unrolled_layers), so this changes only how the params are held.",
 )
 _KEEP_STEP_MEMORY = flags.DEFINE_bool(
     "keep_step_memory",
