@@ -80,18 +80,9 @@ def attention_mask(
 
 
 def _xla_attention(q_BxQxNxH, k_BxKxMxH, v_BxKxMxH, mask_Bx1xQxK):
-  """Plain XLA attention; GQA by grouping query heads onto their key/value head."""
-  batch, q_len, num_heads, head_dim = q_BxQxNxH.shape
-  num_kv_heads = k_BxKxMxH.shape[2]
-  group = num_heads // num_kv_heads
-  q = q_BxQxNxH.reshape(batch, q_len, num_kv_heads, group, head_dim)
-  # Scores and softmax in float32 whatever the compute dtype: bf16 logits lose the mask.
-  scores = jnp.einsum("bqmgh,bkmh->bmgqk", q, k_BxKxMxH, preferred_element_type=jnp.float32) * (head_dim**-0.5)
-  mask = mask_Bx1xQxK[:, :, None, :, :]  # broadcast over kv heads and group
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxMxH.dtype)
-  out = jnp.einsum("bmgqk,bkmh->bqmgh", probs, v_BxKxMxH)
-  return out.reshape(batch, q_len, num_heads, head_dim)
+  """Plain XLA attention under a dense mask: `cached_attention` with keys and values put in
+  its layouts."""
+  return cached_attention(q_BxQxNxH, k_BxKxMxH.transpose(0, 2, 3, 1), v_BxKxMxH.transpose(0, 2, 1, 3), mask_Bx1xQxK)
 
 
 def _causal_block(length: int) -> int:
@@ -291,6 +282,7 @@ def cached_attention(
   group = num_heads // num_kv_heads
   q_BxMxQxGxH = q_BxQxNxH.reshape(batch, q_len, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
   q_BxMxRxH = q_BxMxQxGxH.reshape(batch, num_kv_heads, q_len * group, head_dim)  # R = Q * G rows
+  # Scores and softmax in float32 whatever the compute dtype: bf16 logits lose the mask.
   scores = jnp.einsum("bmrh,bmhk->bmrk", q_BxMxRxH, k_BxMxHxK, preferred_element_type=jnp.float32)
   scores = (scores * head_dim**-0.5).reshape(batch, num_kv_heads, q_len, group, keys)
   scores = jnp.where(mask_Bx1xQxK[:, :, :, None, :], scores, jnp.finfo(jnp.float32).min)

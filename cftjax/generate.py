@@ -230,8 +230,7 @@ def generate_tokens(
   cache = init_cache(model.config, batch, prompt_len + max_new_tokens - 1)
   layer_axes = ("act_batch", "act_kv_heads", None, None)
   for name in ("k", "v"):
-    stacked = isinstance(cache[name], jax.Array)
-    axes = (None, *layer_axes) if stacked else layer_axes
+    axes = (None, *layer_axes) if model.config.scan_layers else layer_axes  # see init_cache
     cache[name] = jax.tree.map(lambda c, axes=axes: nn.with_logical_constraint(c, axes), cache[name])
 
   # Pad slots are masked out, but they still pass through the model: feed token 0 there so
