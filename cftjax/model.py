@@ -64,6 +64,7 @@ class ModelConfig:
   attention_impl: str = "xla"
   sliding_window: int = 0  # Mistral: attend to at most this many tokens (self included); 0 = all
   loss_chunk_size: int = 0  # training loss over chunks of this many positions (cftjax.head_loss); 0 = whole
+  initializer_range: float = 0.02  # stddev of every random-init weight (HF's initializer_range)
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -78,6 +79,8 @@ class ModelConfig:
       raise ValueError(f"model.attention_impl={self.attention_impl!r} is not one of " f"{attention.ATTENTION_IMPLS}")
     if self.sliding_window < 0:
       raise ValueError(f"model.sliding_window={self.sliding_window} must be >= 0 (0 = no window)")
+    if self.initializer_range <= 0:
+      raise ValueError(f"model.initializer_range={self.initializer_range} must be > 0")
     if self.rope_scaling_type not in ("", "llama3"):
       raise ValueError(f"model.rope_scaling_type={self.rope_scaling_type!r} is not '' or 'llama3'")
 
@@ -107,8 +110,8 @@ class ModelConfig:
     return v * d + self.num_layers * layer + d + head
 
 
-def _init(stddev: float = 0.02):
-  return nn.initializers.normal(stddev=stddev)
+def _init(config: ModelConfig):
+  return nn.initializers.normal(stddev=config.initializer_range)
 
 
 def constrain(x: Array, *names: str) -> Array:
@@ -198,7 +201,7 @@ class Projection(nn.Module):
     in_shape = x.shape[-self.in_dims :]
     kernel = self.param(
         "kernel",
-        nn.with_logical_partitioning(_init(), self.kernel_axes),
+        nn.with_logical_partitioning(_init(cfg), self.kernel_axes),
         tuple(in_shape) + tuple(self.features),
         cfg.jnp_param_dtype,
     )
@@ -365,7 +368,7 @@ class Transformer(nn.Module):
         cfg.hidden_size,
         dtype=cfg.jnp_dtype,
         param_dtype=cfg.jnp_param_dtype,
-        embedding_init=nn.with_logical_partitioning(_init(), ("vocab", "embed")),
+        embedding_init=nn.with_logical_partitioning(_init(self.config), ("vocab", "embed")),
         name="embed",
     )
     block = Block

@@ -53,6 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Initialise from an existing model: "" (random init), a Hugging Face model directory
   # (config.json + safetensors) or a cftjax checkpoint directory.
   model.init_from = ""
+  # Stddev of the random init of every weight matrix (HF's initializer_range).
+  model.initializer_range = 0.02
 
   # ---------------------------------------------------------------- data
   data = config.data = ml_collections.ConfigDict()

@@ -257,7 +257,15 @@ def test_config_reads_transformers4_keys_and_defaults(tmp_path):
   assert overrides["num_kv_heads"] == 4 and overrides["head_dim"] == 8  # MHA default, hidden / heads
   assert overrides["rope_theta"] == 500000.0 and overrides["rope_scaling_factor"] == 32.0
   assert overrides["tie_embeddings"] is False and overrides["qkv_bias"] is False
+  assert overrides["initializer_range"] == 0.02  # transformers' default when the file has none
   ModelConfig.from_config(overrides)  # every key is a valid model field
+
+
+def test_initializer_range_travels_both_ways(tmp_path):
+  overrides = hf.hf_model_config(_write_config(tmp_path, initializer_range=0.05))
+  assert overrides["initializer_range"] == 0.05
+  model_config = ModelConfig.from_config(overrides)
+  assert hf.hf_config_dict(model_config, "llama", "float32")["initializer_range"] == 0.05
 
 
 @pytest.mark.parametrize(

@@ -235,6 +235,19 @@ def test_param_dtype_sets_the_dtype_of_every_parameter():
   assert {x.dtype for x in jax.tree.leaves(abstract)} == {jnp.dtype(jnp.bfloat16)}
 
 
+@pytest.mark.parametrize("stddev", [0.02, 0.08])
+def test_initializer_range_is_the_stddev_of_every_initialised_weight(stddev):
+  config = variant(hidden_size=64, intermediate_size=128, vocab_size=256, initializer_range=stddev)
+  dummy = jnp.zeros((1, 8), jnp.int32)
+  params = Transformer(config).init(jax.random.key(0), dummy, dummy, dummy + 1)["params"]
+  for path, leaf in jax.tree_util.tree_leaves_with_path(nn.meta.unbox(params)):
+    name = jax.tree_util.keystr(path)
+    if "norm" in name:
+      np.testing.assert_array_equal(leaf, 1.0, err_msg=name)
+    else:
+      assert abs(float(jnp.std(leaf)) / stddev - 1) < 0.1, name
+
+
 # ------------------------------------------------------------------------------ logical axes
 CONFIGS = {
     "base": BASE,
@@ -313,6 +326,7 @@ def test_num_params_counts_the_parameters(changes):
         ({"remat_policy": "some"}, "model.remat_policy='some'"),
         ({"attention_impl": "flash"}, "model.attention_impl='flash'"),
         ({"rope_scaling_type": "yarn"}, "model.rope_scaling_type='yarn'"),
+        ({"initializer_range": 0.0}, "model.initializer_range=0.0 must be > 0"),
     ],
 )
 def test_bad_model_config_fails_naming_the_key(changes, message):

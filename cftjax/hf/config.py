@@ -143,6 +143,7 @@ def hf_model_config(hf_dir: str | os.PathLike, max_length: int | None = None, wa
       "head_dim": int(head_dim),
       "intermediate_size": int(field("intermediate_size")),
       "rms_norm_eps": float(field("rms_norm_eps", 1e-6)),
+      "initializer_range": float(field("initializer_range", 0.02)),
       # All three families default to untied embeddings in transformers.
       "tie_embeddings": bool(hf_config.get("tie_word_embeddings", False)),
       "qkv_bias": family == "qwen2",
@@ -172,7 +173,6 @@ def hf_config_dict(model_config: ModelConfig, family: str, torch_dtype: str, bas
       "max_position_embeddings",
       4096 if rope_scaling is None else int(model_config.rope_original_max_position * model_config.rope_scaling_factor),
   )
-  out.setdefault("initializer_range", 0.02)
   out.setdefault("attention_dropout", 0.0)
   out.setdefault("use_cache", True)
   out.update(
@@ -187,6 +187,7 @@ def hf_config_dict(model_config: ModelConfig, family: str, torch_dtype: str, bas
       head_dim=model_config.head_dim,
       hidden_act="silu",
       rms_norm_eps=model_config.rms_norm_eps,
+      initializer_range=model_config.initializer_range,
       rope_theta=model_config.rope_theta,
       rope_scaling=rope_scaling,
       tie_word_embeddings=model_config.tie_embeddings,
