@@ -401,6 +401,11 @@ def test_model_config_that_disagrees_with_config_json_is_refused(saved_llama):
     hf.import_params(saved_llama, wrong, _mesh())
 
 
+def test_a_different_initializer_range_is_no_mismatch(saved_llama):
+  """How the weights started does not change what the imported weights compute."""
+  hf.import_params(saved_llama, _model_config(saved_llama, initializer_range=0.3), _mesh())
+
+
 @pytest.mark.parametrize(
     "kind,shape", [("same", (6, 4)), ("transpose", (6, 4)), ("qkv", (4, 3, 2)), ("qkv_bias", (3, 2)), ("o", (3, 2, 4))]
 )

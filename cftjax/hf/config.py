@@ -206,12 +206,16 @@ def hf_config_dict(model_config: ModelConfig, family: str, torch_dtype: str, bas
   return out
 
 
+# How weights start, not what loaded weights compute: a checkpoint may differ here.
+_INIT_ONLY_FIELDS = frozenset({"initializer_range"})
+
+
 def check_model_config(model_config: ModelConfig, overrides: dict, where: str) -> None:
   """Every architecture field of `model_config` must equal what config.json says."""
   mismatches = [
       f"model.{key}={getattr(model_config, key)!r} but {where} says {value!r}"
       for key, value in overrides.items()
-      if hasattr(model_config, key) and getattr(model_config, key) != value
+      if key not in _INIT_ONLY_FIELDS and hasattr(model_config, key) and getattr(model_config, key) != value
   ]
   if mismatches:
     raise ValueError("model config does not match the checkpoint: " + "; ".join(mismatches))
