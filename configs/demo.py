@@ -14,8 +14,10 @@ practice (`demo_compare`: "Check 9 - 4, written 4." -> "Check: 9 - 4 = 5, writte
 wrong.") is 70% of the records: the verdict compares two numbers, which this model learns
 only from many clean comparisons per step. 16 rows of 256 tokens (a
 critique and its practice lines each) hold ~80 checks a step, where 4 x 512 held ~51 and
-the comparison was learned by step 600 in two runs of three (now by step 400 in three of
-four); attention over 256-token rows also costs a quarter less per token.
+the comparison was learned by step 600 in two runs of three; attention over 256-token rows
+also costs a quarter less per token. Weights start at stddev 0.08, not the usual 0.02: with
+0.02 the verdict's loss sat at chance until step ~250-400 (600 steps were needed), with 0.08
+the comparison is learned by step ~200 and 300 steps suffice.
 """
 
 from configs import base
@@ -37,6 +39,9 @@ def get_config():
   model.rope_theta = 10000.0
   model.tie_embeddings = False
   model.scan_layers = False  # 4 layers compile fast unrolled, and the step runs ~6% faster
+  # A 2M model from scratch: larger initial weights make attention's fixed-offset lookups (the
+  # critic's line beside the written one) sharp sooner; 0.05 reached 0.89 in 300 steps, 0.08 0.96.
+  model.initializer_range = 0.08
 
   data = config.data
   data.source = "demo"
@@ -59,9 +64,9 @@ def get_config():
 
   train = config.train
   train.global_batch_size = 16
-  # 400 steps learned the check-practice comparison in some seeds only (its loss plateaus near
-  # 0.12, then drops anywhere from step 250 to past 400); by 600 it had in seeds 0-3.
-  train.num_steps = 600
+  # With initializer_range 0.02 the check-practice comparison was learned anywhere from step
+  # 250 to past 400 (600 steps were the default); with 0.08 validation loss is 0.027 at step 200.
+  train.num_steps = 300
   train.log_every = 10
   train.eval_every = 100
   train.eval_batches = 2

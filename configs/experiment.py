@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   # The demo's three-step problems number 5,832 (5,249 train-split): the arms train on the
   # first 2,500 train problems, the base on the next 2,500.
   config.recipe.data.demo.num_train = 2500
-  # SFT records are short (~60 tokens), so the sft arm reads ~25 a step: 400 steps need ~4
+  # SFT records are short (~60 tokens), so the sft arm reads ~25 a step: 300 steps need ~3
   # passes over its 2,500 problems (a stage that runs out of data stops the experiment).
   config.recipe.data.num_epochs = 6
 
@@ -26,10 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
   # "mix:F" (CFT + SFT records of the same problems, 1:1).
   config.arms = "sft,cft:0,cft:0.2,cft:0.4,mix:0.2"
   config.seeds = "0"  # each arm runs once per seed (data order and RNG); "0,1" doubles the arms
-  # Every arm: the demo's rows x length and schedule, for 400 steps (the demo trains 600 to learn
-  # the comparison from scratch; the arms start from the base, which already compares). Five arms
-  # of 400 steps keep the experiment within 60 minutes on 2 cores.
-  config.arm_steps = 400
+  # Every arm: the demo's rows x length and schedule, for as many steps as the demo trains from
+  # scratch (the arms start from the base, which already compares). Five arms of 300 steps keep
+  # the experiment within 60 minutes on 2 cores.
+  config.arm_steps = 300
 
   # The base every arm starts from: SFT on partly noisy solutions to problems no arm sees.
   base = config.base = ml_collections.ConfigDict()
