@@ -368,7 +368,7 @@ class Transformer(nn.Module):
         cfg.hidden_size,
         dtype=cfg.jnp_dtype,
         param_dtype=cfg.jnp_param_dtype,
-        embedding_init=nn.with_logical_partitioning(_init(self.config), ("vocab", "embed")),
+        embedding_init=nn.with_logical_partitioning(_init(cfg), ("vocab", "embed")),
         name="embed",
     )
     block = Block
