@@ -83,7 +83,8 @@ def compiled_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax
   tx, schedule = optim.make_optimizer(config.optim, num_steps)
   layout = train.state_layout(model, tx, mesh, config.seed)
   num_sources = len(sources_lib.parse_mixture(config.data.mixture))
-  steps = train.compile_steps(model, tx, schedule, mesh, layout, accum, num_sources)
+  row_groups = train.resolve_row_groups(config, mesh, accum)
+  steps = train.compile_steps(model, tx, schedule, mesh, layout, accum, num_sources, row_groups)
   batch = abstract_batch(config, mesh)
   compiled = sharding.on_mesh(steps.train.__wrapped__.lower, mesh)(layout.abstract, batch).compile()
   return compiled, layout.abstract, batch, mesh

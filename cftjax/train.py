@@ -98,7 +98,24 @@ def _split_micro_batches(batch, accum: int):
   return jax.tree.map(split, batch)
 
 
-def train_step(state, batch, *, model, tx, schedule, accum: int, num_sources: int):
+def _grads_by_row_groups(grad_fn, params, batch, row_groups: int):
+  """grad_fn(params, batch) as the sum over `row_groups` groups of its rows, each group its
+  own forward and backward graph.
+
+  The loss is a sum over tokens (divided by a constant), so the groups' values and
+  gradients add up to the whole batch's. Independent graphs are what XLA:CPU runs
+  concurrently: it runs each small matmul on one thread, so one graph keeps ~1.2 of 2
+  cores busy and two keep both. Rows are taken as in `_split_micro_batches`, so a
+  device's groups are made of its own rows.
+  """
+  if row_groups == 1:
+    return grad_fn(params, batch)
+  groups = _split_micro_batches(batch, row_groups)
+  results = [grad_fn(params, jax.tree.map(lambda x, g=g: x[g], groups)) for g in range(row_groups)]
+  return jax.tree.map(lambda *parts: functools.reduce(jnp.add, parts), *results)
+
+
+def train_step(state, batch, *, model, tx, schedule, accum: int, num_sources: int, row_groups: int = 1):
   """One optimizer step; the loss is a token mean over the whole global batch."""
   total_weight = jnp.maximum(jnp.sum(batch.weights.astype(jnp.float32)), 1.0)
 
@@ -106,7 +123,8 @@ def train_step(state, batch, *, model, tx, schedule, accum: int, num_sources: in
     sums = _forward_sums(model, params, micro, num_sources)
     return sums["loss_sum"] / total_weight, sums
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = lambda params, micro: _grads_by_row_groups(value_and_grad, params, micro, row_groups)
   if accum == 1:
     (_, sums), grads = grad_fn(state["params"], batch)
   else:
@@ -149,12 +167,23 @@ class CompiledSteps:
   eval: Callable
 
 
-def compile_steps(model, tx, schedule, mesh, layout: StateLayout, accum: int, num_sources: int) -> CompiledSteps:
-  """jax.jit with explicit in/out shardings; the state is donated (updated in place)."""
+def compile_steps(
+    model, tx, schedule, mesh, layout: StateLayout, accum: int, num_sources: int, row_groups: int = 1
+) -> CompiledSteps:
+  """jax.jit with explicit in/out shardings; the state is donated (updated in place).
+  row_groups: see `_grads_by_row_groups` (`resolve_row_groups` picks it from the config)."""
   batch_sharding = sharding.batch_sharding(mesh)  # every TokenBatch field
   replicated = NamedSharding(mesh, P())
   train = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule, accum=accum, num_sources=num_sources),
+      functools.partial(
+          train_step,
+          model=model,
+          tx=tx,
+          schedule=schedule,
+          accum=accum,
+          num_sources=num_sources,
+          row_groups=row_groups,
+      ),
       in_shardings=(layout.shardings, batch_sharding),
       out_shardings=(layout.shardings, replicated),
       donate_argnums=(0,),
@@ -308,6 +337,22 @@ def check_grad_accum(config: ml_collections.ConfigDict, mesh) -> int:
   return accum
 
 
+def resolve_row_groups(config: ml_collections.ConfigDict, mesh, accum: int) -> int:
+  """train.row_groups, with 0 (auto) resolved: 2 on the CPU backend where the per-device
+  micro-batch has an even number of rows, else 1. An explicit value must divide it."""
+  groups = int(config.train.row_groups)
+  per_device = config.train.global_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
+  micro_rows = per_device // accum
+  if groups == 0:
+    return 2 if jax.default_backend() == "cpu" and micro_rows % 2 == 0 else 1
+  if groups < 0 or micro_rows % groups:
+    raise ValueError(
+        f"config key train.row_groups={groups} must divide the per-device micro-batch of {micro_rows} rows "
+        f"(train.global_batch_size / (mesh.data * mesh.fsdp) / train.grad_accum_steps), or be 0 (auto)"
+    )
+  return groups
+
+
 def run(
     config: ml_collections.ConfigDict,
     workdir: str | Path,
@@ -349,7 +394,7 @@ def run(
   model, model_config = build_model(config)
   tx, schedule = optim.make_optimizer(config.optim, num_steps)
   layout = state_layout(model, tx, mesh, config.seed)
-  steps = compile_steps(model, tx, schedule, mesh, layout, accum, num_sources)
+  steps = compile_steps(model, tx, schedule, mesh, layout, accum, num_sources, resolve_row_groups(config, mesh, accum))
 
   dataset = pipeline.make_dataset(
       config.data,

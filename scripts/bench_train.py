@@ -45,6 +45,12 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "CPU: host devices cftjax's step is data-parallel over (its worker runs with "
     "XLA_FLAGS=--xla_force_host_platform_device_count=N; the batch splits N ways).",
 )
+_ROW_GROUPS = flags.DEFINE_integer(
+    "row_groups",
+    0,
+    "cftjax's train.row_groups: rows per step as this many independent graphs (0 = auto, as "
+    "training resolves it: 2 on CPU for an even batch per device, else 1).",
+)
 _SCAN_LAYERS = flags.DEFINE_bool(
     "scan_layers",
     False,
@@ -159,7 +165,9 @@ class JaxSide:
   """cftjax's compiled train step, data-parallel over `devices` devices, state donated, batch
   copied per step."""
 
-  def __init__(self, shape_name: str, batch: int, length: int, devices: int = 1, **model_overrides):
+  def __init__(
+      self, shape_name: str, batch: int, length: int, devices: int = 1, row_groups: int = 0, **model_overrides
+  ):
     import jax
     import ml_collections
     import numpy as np
@@ -180,7 +188,11 @@ class JaxSide:
     mesh_config = ml_collections.ConfigDict(dict(data=devices, fsdp=1, tensor=1))
     self.mesh = sharding.make_mesh(mesh_config, jax.devices()[:devices])
     layout = train.state_layout(model, tx, self.mesh, seed=0)
-    self.steps = train.compile_steps(model, tx, schedule, self.mesh, layout, accum=1, num_sources=1)
+    run_config = ml_collections.ConfigDict(
+        dict(train=dict(global_batch_size=batch, row_groups=row_groups), mesh=dict(mesh_config))
+    )
+    self.row_groups = train.resolve_row_groups(run_config, self.mesh, accum=1)
+    self.steps = train.compile_steps(model, tx, schedule, self.mesh, layout, 1, 1, self.row_groups)
     self.state = train.init_state(model, tx, self.mesh, 0, layout)
     self.host_batch = random_batch(SHAPES[shape_name], batch, length)
     self.sharding = sharding
@@ -311,6 +323,7 @@ class Worker:
         f"--length={length}",
         f"--scan_layers={_SCAN_LAYERS.value}",
         f"--cpu_devices={_CPU_DEVICES.value}",
+        f"--row_groups={_ROW_GROUPS.value}",
         f"--keep_step_memory={_KEEP_STEP_MEMORY.value}",
     ]
     if _REMAT.value:
@@ -456,7 +469,7 @@ def main(argv):
         from cftjax import host_memory
 
         host_memory.keep_step_memory()
-      serve(JaxSide(_SHAPE.value, batch, length, _CPU_DEVICES.value, **overrides))
+      serve(JaxSide(_SHAPE.value, batch, length, _CPU_DEVICES.value, _ROW_GROUPS.value, **overrides))
     else:
       serve(TorchSide(_SHAPE.value, batch, length))
     return

@@ -62,7 +62,7 @@ def test_dry_run_matches_the_real_step_on_8_devices():
   shape = (16, 64)
   host = TokenBatch(**{k: rng.integers(0, 2, size=shape).astype(TokenBatch.dtype(k)) for k in TokenBatch.fields()})
   batch = sharding.host_batch_to_global(host, mesh)
-  steps = train.compile_steps(model, tx, schedule, mesh, layout, 1, 2)
+  steps = train.compile_steps(model, tx, schedule, mesh, layout, 1, 2, train.resolve_row_groups(config, mesh, 1))
   analysis = sharding.on_mesh(steps.train.__wrapped__.lower, mesh)(state, batch).compile().memory_analysis()
   assert report.temporaries == analysis.temp_size_in_bytes
   assert report.arguments == analysis.argument_size_in_bytes

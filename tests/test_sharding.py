@@ -171,12 +171,12 @@ OPTIMIZERS = {"adamw": adamw, "sgd": sgd}
 class Layout:
   """One mesh, its state layout and its compiled steps."""
 
-  def __init__(self, mesh, accum: int = 1, optimizer: str = "adamw"):
+  def __init__(self, mesh, accum: int = 1, optimizer: str = "adamw", row_groups: int = 1):
     self.mesh = mesh
     self.model = Transformer(MODEL_CONFIG)
     self.tx, schedule = OPTIMIZERS[optimizer]()
     self.layout = train.state_layout(self.model, self.tx, mesh, seed=0)
-    self.steps = train.compile_steps(self.model, self.tx, schedule, mesh, self.layout, accum, NUM_SOURCES)
+    self.steps = train.compile_steps(self.model, self.tx, schedule, mesh, self.layout, accum, NUM_SOURCES, row_groups)
 
   def seed_state(self):
     return train.init_state(self.model, self.tx, self.mesh, 0, self.layout)
@@ -509,6 +509,44 @@ def test_uneven_micro_batches_really_are_uneven():
   weights = uneven_micro_batches(0).weights
   per_micro = [weights[a::ACCUM].sum() for a in range(ACCUM)]
   assert per_micro == [32, 10, 0, 2]
+
+
+@pytest.fixture(scope="module")
+def row_grouped(single_device, accumulation):
+  """The accumulation batches with each step's rows as independent graphs: 4 groups on one
+  device (groups of 2 rows, holding 32 / 10 / 0 / 2 target tokens as the micro-batches
+  do), and 2 groups of each of 2 micro-batches on the data2 x fsdp2 x tensor2 mesh."""
+  batches = accumulation["batches"]
+  grouped = Layout(single_device["sgd"]["layout"].mesh, optimizer="sgd", row_groups=ACCUM)
+  sharded_grouped = Layout(sharding.make_mesh(mesh_config(**MESHES["data2_fsdp2_tensor2"])), 2, "sgd", row_groups=2)
+  return {
+      "one device": grouped.run(grouped.state_from(single_device["initial"]), batches),
+      "sharded, accumulated": sharded_grouped.run(sharded_grouped.state_from(single_device["initial"]), batches),
+  }
+
+
+@pytest.mark.parametrize("layout", ["one device", "sharded, accumulated"])
+def test_row_groups_train_like_one_graph(row_grouped, accumulation, layout):
+  got, plain = row_grouped[layout], accumulation["plain"]
+  assert_same_sgd_training(got, plain, f"row groups, {layout}")
+  for step, metrics in enumerate(got["metrics"]):
+    assert metrics["tokens_cft"] + metrics["tokens_sft"] == accumulation["batches"][step].weights.sum()
+
+
+def test_row_groups_resolve_from_config():
+  def resolve(row_groups, global_batch_size, accum=1, **mesh_sizes):
+    config = base.get_config()
+    config.train.row_groups, config.train.global_batch_size = row_groups, global_batch_size
+    config.mesh.update(mesh_config(**mesh_sizes))
+    devices = jax.devices()[: config.mesh.data * config.mesh.fsdp * config.mesh.tensor]
+    return train.resolve_row_groups(config, sharding.make_mesh(config.mesh, devices), accum)
+
+  assert resolve(0, 16) == 2  # auto on CPU: two graphs where the rows split evenly
+  assert resolve(0, 6, accum=2) == 1  # 3 rows per micro-batch
+  assert resolve(0, 8, data=4) == 2 and resolve(0, 4, data=4) == 1  # 2 rows / 1 row per device
+  assert resolve(4, 16, accum=2) == 4
+  with pytest.raises(ValueError, match=r"train.row_groups=3 must divide the per-device micro-batch of 16 rows"):
+    resolve(3, 16)
 
 
 def test_gradient_accumulation_equals_one_big_batch(accumulation):
