@@ -117,12 +117,18 @@ def _block_attention_bwd(saved, d_out_BxMxRxGxH):
   q_BxMxQxH, k_BxMxKxH, v_BxMxKxH, probs_BxMxQxK, out_BxMxQxH = saved
   head_dim = q_BxMxQxH.shape[-1]
   d_out = d_out_BxMxRxGxH.reshape(out_BxMxQxH.shape)
-  d_v = jnp.einsum("bmqk,bmqh->bmkh", probs_BxMxQxK.astype(v_BxMxKxH.dtype), d_out.astype(v_BxMxKxH.dtype))
+  # d_v and d_k contract over the query rows, the major dimension of both operands. XLA:CPU
+  # runs such a batched dot at under half the rate of one contracting the lhs's minor
+  # dimension, so they are computed transposed (d_v^T = d_out^T @ probs) from the
+  # transposed [Q, H] operand: a transpose of Q x H values, not of the Q x K probabilities.
+  d_out_BxMxHxQ = d_out.astype(v_BxMxKxH.dtype).swapaxes(2, 3)
+  d_v_BxMxHxK = jnp.einsum("bmhq,bmqk->bmhk", d_out_BxMxHxQ, probs_BxMxQxK.astype(v_BxMxKxH.dtype))
   d_probs = jnp.einsum("bmqh,bmkh->bmqk", d_out, v_BxMxKxH, preferred_element_type=jnp.float32)
   correction = jnp.sum(d_out.astype(jnp.float32) * out_BxMxQxH.astype(jnp.float32), axis=-1, keepdims=True)
   d_scores = (probs_BxMxQxK * (d_probs - correction) * head_dim**-0.5).astype(q_BxMxQxH.dtype)
   d_q = jnp.einsum("bmqk,bmkh->bmqh", d_scores, k_BxMxKxH).reshape(d_out_BxMxRxGxH.shape)
-  d_k = jnp.einsum("bmqk,bmqh->bmkh", d_scores, q_BxMxQxH)
+  d_k_BxMxHxK = jnp.einsum("bmhq,bmqk->bmhk", q_BxMxQxH.swapaxes(2, 3), d_scores)
+  d_k, d_v = d_k_BxMxHxK.swapaxes(2, 3), d_v_BxMxHxK.swapaxes(2, 3)
   return d_q, d_k.astype(k_BxMxKxH.dtype), d_v.astype(v_BxMxKxH.dtype), None
 
 
