@@ -91,45 +91,58 @@ def _causal_block(length: int) -> int:
 
 def _block_forward(q_BxMxRxGxH, k_BxMxKxH, v_BxMxKxH, mask_BxRxK):
   """R query rows of each (batch, kv head) against K keys, in one batched matmul per side;
-  also returns what the backward pass reuses."""
+  also returns what the backward pass reuses.
+
+  The softmax is normalised after the value matmul, on the [Q, H] output, not on the
+  [Q, K] weights (as flash attention does): the unnormalised exponentials feed the matmul
+  and the backward pass, which saves writing and reading the probabilities.
+  """
   batch, num_kv_heads, rows, group, head_dim = q_BxMxRxGxH.shape
   keys = k_BxMxKxH.shape[2]
   q_BxMxQxH = q_BxMxRxGxH.reshape(batch, num_kv_heads, rows * group, head_dim)
   scores = jnp.einsum("bmqh,bmkh->bmqk", q_BxMxQxH, k_BxMxKxH, preferred_element_type=jnp.float32)
   scores = (scores * head_dim**-0.5).reshape(batch, num_kv_heads, rows, group, keys)
   scores = jnp.where(mask_BxRxK[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
-  probs_BxMxQxK = jax.nn.softmax(scores, axis=-1).reshape(batch, num_kv_heads, rows * group, keys)
-  out_BxMxQxH = jnp.einsum("bmqk,bmkh->bmqh", probs_BxMxQxK.astype(v_BxMxKxH.dtype), v_BxMxKxH)
-  return out_BxMxQxH.reshape(q_BxMxRxGxH.shape), (q_BxMxQxH, k_BxMxKxH, v_BxMxKxH, probs_BxMxQxK, out_BxMxQxH)
+  exps = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+  inv_sum_BxMxQx1 = (1.0 / jnp.sum(exps, axis=-1, keepdims=True)).reshape(batch, num_kv_heads, rows * group, 1)
+  exps_BxMxQxK = exps.reshape(batch, num_kv_heads, rows * group, keys)
+  out = jnp.einsum(
+      "bmqk,bmkh->bmqh", exps_BxMxQxK.astype(v_BxMxKxH.dtype), v_BxMxKxH, preferred_element_type=jnp.float32
+  )
+  out_BxMxQxH = (out * inv_sum_BxMxQx1).astype(v_BxMxKxH.dtype)
+  saved = (q_BxMxQxH, k_BxMxKxH, v_BxMxKxH, exps_BxMxQxK, inv_sum_BxMxQx1, out_BxMxQxH)
+  return out_BxMxQxH.reshape(q_BxMxRxGxH.shape), saved
 
 
 @jax.custom_vjp
 def _block_attention(q_BxMxRxGxH, k_BxMxKxH, v_BxMxKxH, mask_BxRxK):
   """`_block_forward`'s output, with the softmax's backward written out (as flash attention
   does): each row's correction sum(dP * P) over its keys equals sum(dO * O) over the head
-  dimension, so the backward passes over the [rows, keys] probabilities once, not three
-  times, and reduces over 64 values a row instead of up to L (on the CPU demo's step, the
+  dimension, so the backward passes over the [rows, keys] weights once, not three times,
+  and reduces over 64 values a row instead of up to L (on the CPU demo's step, the
   backward's softmax reductions took a quarter of its time)."""
   return _block_forward(q_BxMxRxGxH, k_BxMxKxH, v_BxMxKxH, mask_BxRxK)[0]
 
 
 def _block_attention_bwd(saved, d_out_BxMxRxGxH):
-  q_BxMxQxH, k_BxMxKxH, v_BxMxKxH, probs_BxMxQxK, out_BxMxQxH = saved
+  """With P = exps * inv_sum: dV = P^T dO = exps^T (inv_sum dO), and
+  dS = P (dP - c) = exps (inv_sum dP - inv_sum c), where dP = dO V^T and c = sum(dO * O)."""
+  q_BxMxQxH, k_BxMxKxH, v_BxMxKxH, exps_BxMxQxK, inv_sum_BxMxQx1, out_BxMxQxH = saved
   head_dim = q_BxMxQxH.shape[-1]
-  d_out = d_out_BxMxRxGxH.reshape(out_BxMxQxH.shape)
+  d_out = d_out_BxMxRxGxH.reshape(out_BxMxQxH.shape).astype(jnp.float32)
+  d_out_weighted = (d_out * inv_sum_BxMxQx1).astype(v_BxMxKxH.dtype)  # dO scaled per row: P's normalisation
   # d_v and d_k contract over the query rows, the major dimension of both operands. XLA:CPU
   # runs such a batched dot at under half the rate of one contracting the lhs's minor
-  # dimension, so they are computed transposed (d_v^T = d_out^T @ probs) from the
-  # transposed [Q, H] operand: a transpose of Q x H values, not of the Q x K probabilities.
-  d_out_BxMxHxQ = d_out.astype(v_BxMxKxH.dtype).swapaxes(2, 3)
-  d_v_BxMxHxK = jnp.einsum("bmhq,bmqk->bmhk", d_out_BxMxHxQ, probs_BxMxQxK.astype(v_BxMxKxH.dtype))
-  d_probs = jnp.einsum("bmqh,bmkh->bmqk", d_out, v_BxMxKxH, preferred_element_type=jnp.float32)
-  correction = jnp.sum(d_out.astype(jnp.float32) * out_BxMxQxH.astype(jnp.float32), axis=-1, keepdims=True)
-  d_scores = (probs_BxMxQxK * (d_probs - correction) * head_dim**-0.5).astype(q_BxMxQxH.dtype)
+  # dimension, so they are computed transposed (d_v^T = d_out^T @ P) from the transposed
+  # [Q, H] operand: a transpose of Q x H values, not of the Q x K weights.
+  d_v_BxMxHxK = jnp.einsum("bmhq,bmqk->bmhk", d_out_weighted.swapaxes(2, 3), exps_BxMxQxK.astype(v_BxMxKxH.dtype))
+  d_probs_weighted = jnp.einsum("bmqh,bmkh->bmqk", d_out_weighted, v_BxMxKxH, preferred_element_type=jnp.float32)
+  correction = inv_sum_BxMxQx1 * jnp.sum(d_out * out_BxMxQxH.astype(jnp.float32), axis=-1, keepdims=True)
+  d_scores = (exps_BxMxQxK * (d_probs_weighted - correction) * head_dim**-0.5).astype(q_BxMxQxH.dtype)
   d_q = jnp.einsum("bmqk,bmkh->bmqh", d_scores, k_BxMxKxH).reshape(d_out_BxMxRxGxH.shape)
   d_k_BxMxHxK = jnp.einsum("bmhq,bmqk->bmhk", q_BxMxQxH.swapaxes(2, 3), d_scores)
   d_k, d_v = d_k_BxMxHxK.swapaxes(2, 3), d_v_BxMxHxK.swapaxes(2, 3)
-  return d_q, d_k.astype(k_BxMxKxH.dtype), d_v.astype(v_BxMxKxH.dtype), None
+  return d_q.astype(q_BxMxQxH.dtype), d_k.astype(k_BxMxKxH.dtype), d_v.astype(v_BxMxKxH.dtype), None
 
 
 _block_attention.defvjp(_block_forward, _block_attention_bwd)
