@@ -1,21 +1,21 @@
 """Benchmark: cftjax's train step side by side with transformers + torch, and on a GPU.
 
   python scripts/bench_train.py [--shapes=demo,45m,110m] [--steps=8] [--warmup=2]
-      [--batch=4] [--length=512] [--scan_layers] [--cpu_devices=1] [--out=FILE.json]
+      [--batch=4] [--length=512] [--scan_layers] [--cpu_devices=1] [--row_groups=0] [--out=FILE.json]
   python scripts/bench_train.py --config=gpu_1b [--batch=8] [--length=2048]   # or --gpu
 
 CPU (the default): for each shape two worker processes are started, one running cftjax's
 jitted train step (cftjax.train.compile_steps: float32, AdamW with global-norm clipping
-from cftjax.optim, the state donated, the batch copied from the host each step as in
-training) and one running transformers' LlamaForCausalLM with torch.optim.AdamW and
-clip_grad_norm_, on the same Llama shape and the same random batch of `--batch` x
-`--length` tokens. Their steps alternate one by one (so a busy machine slows both alike);
-after `--warmup` steps each, the median of `--steps` steps is reported, with the ratio
-cftjax / torch in tokens/s. "GFLOP/s" is the step's model FLOPs (6 N per token plus causal
-attention, cftjax.metrics.train_flops_per_token) over its median time; "matmul GFLOP/s" is
-what the same processes reach on bare [B*L, in] x [in, out] matmuls of the step's
-projection shapes (their FLOP-weighted rate): the ceiling the step would run at if it were
-nothing but its matmuls.
+from cftjax.optim, the state donated, the batch copied from the host each step, its rows
+in train.row_groups' default groups: all as in training) and one running transformers'
+LlamaForCausalLM with torch.optim.AdamW and clip_grad_norm_, on the same Llama shape and
+the same random batch of `--batch` x `--length` tokens. Their steps alternate one by one
+(so a busy machine slows both alike); after `--warmup` steps each, the median of `--steps`
+steps is reported, with the ratio cftjax / torch in tokens/s. "GFLOP/s" is the step's
+model FLOPs (6 N per token plus causal attention, cftjax.metrics.train_flops_per_token)
+over its median time; "matmul GFLOP/s" is what the same processes reach on bare [B*L, in]
+x [in, out] matmuls of the step's projection shapes (their FLOP-weighted rate): the
+ceiling the step would run at if it were nothing but its matmuls.
 
 GPU (--config=gpu_1b): cftjax alone trains a ~1.2B Llama-3.2-1B-shaped model (bfloat16
 compute, float32 master weights, cuDNN attention, `--length` 2048) and reports tokens/s
@@ -178,6 +178,7 @@ class JaxSide:
     self.jax, self.np = jax, np
     config = model_config(shape_name, **model_overrides)
     self.model_config = config
+    self.num_params = config.num_params()
     model = Transformer(config)
     optim_config = ml_collections.ConfigDict(
         dict(OPTIM, schedule="constant", warmup_steps=0, warmup_ratio=0.0, end_lr_ratio=1.0)
@@ -249,6 +250,7 @@ class TorchSide:
     )
     torch.manual_seed(0)
     self.model = transformers.LlamaForCausalLM(hf_config).train()
+    self.num_params = sum(p.numel() for p in self.model.parameters())
     self.optimizer = torch.optim.AdamW(
         self.model.parameters(),
         lr=OPTIM["learning_rate"],
@@ -299,7 +301,7 @@ def serve(side) -> None:
   """Worker loop: one JSON command per stdin line, one JSON answer per stdout line."""
   answer = sys.stdout
   sys.stdout = sys.stderr  # library prints must not corrupt the protocol
-  print(json.dumps({"ready": True}), file=answer, flush=True)
+  print(json.dumps({"ready": True, "params": side.num_params}), file=answer, flush=True)
   for line in sys.stdin:
     command = json.loads(line)
     if command["do"] == "step":
@@ -363,8 +365,10 @@ def side_by_side(shape_name: str, batch: int, length: int, steps: int, warmup: i
 
   workers = [Worker("jax", shape_name, batch, length), Worker("torch", shape_name, batch, length)]
   try:
-    for w in workers:
-      w.receive()  # ready: built, sequentially so neither build slows the other's steps
+    # Ready: built, sequentially so neither build slows the other's steps.
+    params = {w.name: w.receive()["params"] for w in workers}
+    if len(set(params.values())) != 1:
+      raise RuntimeError(f"shape {shape_name!r}: the two sides built different models, parameters {params}")
     times = {w.name: [] for w in workers}
     for i in range(warmup + steps):
       for w in workers:
@@ -387,6 +391,7 @@ def side_by_side(shape_name: str, batch: int, length: int, steps: int, warmup: i
       batch=batch,
       length=length,
       scan_layers=_SCAN_LAYERS.value,
+      row_groups=_ROW_GROUPS.value,
       cpu_devices=_CPU_DEVICES.value,
       keep_step_memory=_KEEP_STEP_MEMORY.value,
       steps=steps,
@@ -488,7 +493,9 @@ def main(argv):
     print(
         f"batch {batch} x {length}, median of {_STEPS.value} steps after {_WARMUP.value}, steps "
         f"alternating; torch {torch.__version__} ({torch.get_num_threads()} threads); "
-        f"scan_layers={_SCAN_LAYERS.value}; cftjax on {_CPU_DEVICES.value} CPU device(s), keep_step_memory={_KEEP_STEP_MEMORY.value}; load average {os.getloadavg()[0]:.1f}"
+        f"scan_layers={_SCAN_LAYERS.value}; cftjax on {_CPU_DEVICES.value} CPU device(s), "
+        f"row_groups={_ROW_GROUPS.value or 'auto'}, keep_step_memory={_KEEP_STEP_MEMORY.value}; "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
     print(
         f"{'shape':>5} {'params':>7} | {'cftjax tok/s':>9} {'GFLOP/s':>7} {'matmul':>7} | "
