@@ -32,7 +32,7 @@ import numpy as np
 import tqdm
 
 from cftjax import sharding as sharding_lib
-from cftjax.model import ModelConfig, Transformer, init_cache
+from cftjax.model import ModelConfig, Transformer, init_cache, transpose_kernels
 
 Array = jax.Array
 
@@ -177,6 +177,12 @@ def _is_eos(tokens_B: Array, eos_ids: tuple[int, ...]) -> Array:
 
 
 # ------------------------------------------------------------------------------ device program
+# On CPU, generate() decodes generations of at least this many tokens with the kernels
+# transposed once per call (`decode_layout`): the transposition costs about two decoding
+# steps (100M model: 110 ms, a step at batch 16 ~50 ms), and each step then runs ~1.25x faster.
+CPU_TRANSPOSE_MIN_NEW_TOKENS = 16
+
+
 def unrolled_layers(model: Transformer, params: Any) -> tuple[Transformer, Any]:
   """The model with its layers unrolled (scan_layers=False) and its params to match.
 
@@ -189,6 +195,22 @@ def unrolled_layers(model: Transformer, params: Any) -> tuple[Transformer, Any]:
   for i in range(model.config.num_layers):
     unrolled[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
   return model.clone(config=dataclasses.replace(model.config, scan_layers=False)), unrolled
+
+
+def decode_layout(model: Transformer, params: Any, max_new_tokens: int, mesh=None) -> tuple[Transformer, Any]:
+  """(model, params) to decode `max_new_tokens` with: on CPU, for a generation long enough to
+  repay it, the layers unrolled and every projection kernel transposed to [out, in]
+  (cftjax.model.transpose_kernels), once for all of generate()'s batches; as given elsewhere."""
+  if jax.default_backend() != "cpu" or max_new_tokens < CPU_TRANSPOSE_MIN_NEW_TOKENS:
+    return model, params
+  decode_model = model.clone(config=dataclasses.replace(model.config, scan_layers=False, transposed_kernels=True))
+  return decode_model, _compiled_decode_layout(model.config, mesh)(params)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_decode_layout(config: ModelConfig, mesh):
+  relayout = jax.jit(lambda params: transpose_kernels(*unrolled_layers(Transformer(config), params))[1])
+  return relayout if mesh is None else sharding_lib.on_mesh(relayout, mesh)
 
 
 def generate_tokens(
@@ -393,7 +415,8 @@ def generate(
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be >= 1")
   _check_prompts(prompts, config.vocab_size)
-  params = _unwrap_params(params)
+  model, params = decode_layout(model, _unwrap_params(params), sampling.max_new_tokens, mesh)
+  config = model.config
   row_multiple = 1
   if mesh is not None:
     row_multiple = int(np.prod([mesh.shape[a] for a in sharding_lib.BATCH_AXES]))

@@ -14,7 +14,8 @@ from configs import base
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = sorted((REPO / "cftjax").rglob("*.py")) + sorted((REPO / "scripts").glob("*.py"))
 TEST_SOURCES = sorted((REPO / "tests").rglob("*.py"))
-LOCAL_TEST_MODULES = {path.stem for path in TEST_SOURCES} | {"tests"}  # helpers the tests import
+# Helpers the tests import, and the scripts tests/scripts/ import as modules.
+LOCAL_TEST_MODULES = {path.stem for path in TEST_SOURCES + sorted((REPO / "scripts").glob("*.py"))} | {"tests"}
 CONFIG_READS = [
     re.compile(r"\bconfig\.(\w+)\.get\(\"(\w+)\""),  # config.data.get("x")
     re.compile(r"\b(data)(?:_config)?\.get\(\"(\w+)\""),  # data.get("x"), data_config.get("x")

@@ -98,6 +98,26 @@ def test_cached_greedy_equals_full_forward_argmax(scan_layers, sliding_window):
   assert all(len(row) == NEW_TOKENS for row in got)
 
 
+@pytest.mark.parametrize("on_mesh", [False, True])
+def test_cpu_decode_layout_decodes_the_tokens_of_the_full_forward(monkeypatch, on_mesh):
+  """Long enough generations decode with the layers unrolled and the kernels transposed
+  (generate.decode_layout); the threshold is lowered so the usual 8 tokens take that path."""
+  monkeypatch.setattr(gen, "CPU_TRANSPOSE_MIN_NEW_TOKENS", NEW_TOKENS)
+  model, params = init_params(tiny_config(scan_layers=True), seed=1)
+  decode_model, decode_params = gen.decode_layout(model, params, NEW_TOKENS)
+  assert decode_model.config.transposed_kernels and not decode_model.config.scan_layers
+  assert decode_params["layers_0"]["mlp"]["gate_proj"]["kernel"].shape == (64, 32)  # [mlp, embed]
+  assert gen.decode_layout(model, params, NEW_TOKENS - 1) == (model, params)
+  mesh, placed = None, params
+  if on_mesh:
+    mesh = make_mesh(data=2, tensor=2)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens, tokens + 1)
+    placed = jax.device_put(params, sharding.logical_to_shardings(nn.get_partition_spec(boxed), mesh)["params"])
+  got = gen.generate(model, placed, PROMPTS, settings(), mesh=mesh, progress=False)
+  assert got == reference_greedy(model, params, PROMPTS, NEW_TOKENS)
+
+
 def test_row_output_independent_of_batch_neighbours(tiny):
   model, params = tiny
   row = [12, 5, 33, 2, 9]

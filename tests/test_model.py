@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from cftjax import objectives, sharding
-from cftjax.model import REMAT_POLICIES, ModelConfig, Transformer
+from cftjax.model import REMAT_POLICIES, ModelConfig, Transformer, transpose_kernels
 from configs import base
 import float32_tolerance
 from random_params import draw_params
@@ -112,6 +112,30 @@ def test_scanned_and_unrolled_layers_give_the_same_logits(base_params, base_logi
   params = unstack_layers(base_params)
   assert jax.tree.structure(params) == jax.tree.structure(host_params(unrolled))
   np.testing.assert_allclose(logits_of(unrolled, params), base_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("changes", [{}, dict(scan_layers=False), dict(qkv_bias=True, tie_embeddings=True)])
+def test_transposed_kernels_give_the_same_logits(base_params, base_logits, changes):
+  """CPU decoding's kernel layout ([out..., in...]): the params transposed by
+  transpose_kernels have the transposed model's own shapes and logical axes, and it
+  computes the same logits."""
+  config = variant(**changes)
+  params = base_params if not changes else host_params(config)
+  if not config.scan_layers and not changes.get("qkv_bias"):
+    params = unstack_layers(base_params)
+  model, transposed = transpose_kernels(Transformer(config), params)
+  assert model.config == dataclasses.replace(config, transposed_kernels=True)
+  boxed = boxed_abstract_params(model.config)
+  assert jax.tree.map(np.shape, transposed) == jax.tree.map(np.shape, nn.meta.unbox(boxed))
+  o_proj = (
+      boxed["layers"]["attn"]["o_proj"]["kernel"]
+      if config.scan_layers
+      else boxed["layers_0"]["attn"]["o_proj"]["kernel"]
+  )
+  assert o_proj.names[-3:] == ("embed", "heads", "head_dim")
+  want = base_logits if not changes or not changes.get("qkv_bias") else logits_of(config, params)
+  np.testing.assert_allclose(logits_of(model.config, transposed), want, rtol=1e-5, atol=1e-5)
+  assert transpose_kernels(model, transposed)[1] is transposed  # already in the layout
 
 
 @pytest.fixture(scope="module")
