@@ -28,7 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.seeds = "0,1"  # each arm runs once per seed (data order and RNG); "0" halves the arms
   # Every arm: the demo's rows x length and schedule, for as many steps as the demo trains from
   # scratch (the arms start from the base, which already compares). Five arms of 300 steps, two
-  # seeds each, keep the experiment within 60 minutes on 2 cores (28 min measured on 2026-12-05, 48 min on a slower machine before; README).
+  # seeds each, keep the experiment within 60 minutes on 2 cores (28 min measured on
+  # 2026-12-05, 48 min on a slower machine with the previous step; README).
   config.arm_steps = 300
 
   # The base every arm starts from: SFT on partly noisy solutions to problems no arm sees.
