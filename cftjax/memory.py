@@ -98,8 +98,7 @@ def dry_run(
   analysis = compiled.memory_analysis()
   if capacity is None:
     capacity = device_capacity(mesh.devices.flat[0])
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  rows = int(config.train.global_batch_size) // shards
+  rows = sharding.batch_size_per_device(config.train.global_batch_size, mesh)
   return MemoryReport(
       params=_per_device_bytes(state["params"]),
       opt_state=_per_device_bytes(state["opt_state"]),

@@ -213,16 +213,14 @@ class Projection(nn.Module):
       # One [rows, in] x [in, out] matmul: XLA:CPU runs the backward of a dot with several
       # batch-like or contracted dims (dW contracts over batch and length) at about half the
       # speed of the same work as plain 2-D matmuls. The reshapes are free (row-major).
-      x_2d = x.reshape(math.prod(batch_shape), math.prod(in_shape))
-      kernel_2d = (
-          kernel.reshape(math.prod(features), -1) if cfg.transposed_kernels else kernel.reshape(x_2d.shape[1], -1)
-      )
-      y = jax.lax.dot_general(x_2d, kernel_2d, (((1,), (1 if cfg.transposed_kernels else 0,)), ((), ())))
-      y = y.reshape(*batch_shape, *features)
+      fan_in = math.prod(in_shape)
+      x = x.reshape(math.prod(batch_shape), fan_in)
+      kernel = kernel.reshape((-1, fan_in) if cfg.transposed_kernels else (fan_in, -1))
+      x_in, kernel_in = (1,), ((1,) if cfg.transposed_kernels else (0,))
     else:
       x_in = tuple(range(x.ndim - self.in_dims, x.ndim))
       kernel_in = tuple(range(len(features), kernel.ndim)) if cfg.transposed_kernels else tuple(range(self.in_dims))
-      y = jax.lax.dot_general(x, kernel, ((x_in, kernel_in), ((), ())))
+    y = jax.lax.dot_general(x, kernel, ((x_in, kernel_in), ((), ()))).reshape(*batch_shape, *features)
     if self.use_bias:
       bias = self.param(
           "bias",

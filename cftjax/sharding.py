@@ -167,6 +167,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def batch_size_per_device(global_batch_size: int, mesh: Mesh) -> int:
+  """Rows each device holds: the batch splits over data x fsdp (see `batch_sharding`)."""
+  return int(global_batch_size) // (mesh.shape["data"] * mesh.shape["fsdp"])
+
+
 def batch_size_per_process(global_batch_size: int, mesh: Mesh) -> int:
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if global_batch_size % shards:

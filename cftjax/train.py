@@ -103,10 +103,10 @@ def _grads_by_row_groups(grad_fn, params, batch, row_groups: int):
   own forward and backward graph.
 
   The loss is a sum over tokens (divided by a constant), so the groups' values and
-  gradients add up to the whole batch's. Independent graphs are what XLA:CPU runs
-  concurrently: it runs each small matmul on one thread, so one graph keeps ~1.2 of 2
-  cores busy and two keep both. Rows are taken as in `_split_micro_batches`, so a
-  device's groups are made of its own rows.
+  gradients add up to the whole batch's. XLA:CPU's executor runs independent ops side by
+  side, and each group's activations are half the size, so more of each pass stays in
+  cache (the demo step ~6% faster with two groups; README). Rows are taken as in
+  `_split_micro_batches`, so a device's groups are made of its own rows.
   """
   if row_groups == 1:
     return grad_fn(params, batch)
@@ -328,7 +328,7 @@ def _per_source(sources, means: dict, prefix: str) -> dict[str, float]:
 def check_grad_accum(config: ml_collections.ConfigDict, mesh) -> int:
   """train.grad_accum_steps, checked to divide the per-device batch."""
   accum = int(config.train.grad_accum_steps)
-  per_device = config.train.global_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
+  per_device = sharding.batch_size_per_device(config.train.global_batch_size, mesh)
   if accum < 1 or per_device % accum:
     raise ValueError(
         f"config key train.grad_accum_steps={accum} must divide the per-device batch "
@@ -341,8 +341,7 @@ def resolve_row_groups(config: ml_collections.ConfigDict, mesh, accum: int) -> i
   """train.row_groups, with 0 (auto) resolved: 2 on the CPU backend where the per-device
   micro-batch has an even number of rows, else 1. An explicit value must divide it."""
   groups = int(config.train.row_groups)
-  per_device = config.train.global_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
-  micro_rows = per_device // accum
+  micro_rows = sharding.batch_size_per_device(config.train.global_batch_size, mesh) // accum
   if groups == 0:
     return 2 if jax.default_backend() == "cpu" and micro_rows % 2 == 0 else 1
   if groups < 0 or micro_rows % groups:

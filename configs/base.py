@@ -126,9 +126,9 @@ def get_config() -> ml_collections.ConfigDict:
   train.global_batch_size = 512  # Packed rows per optimizer step, over all hosts.
   train.grad_accum_steps = 1  # Micro-batches per step; must divide the per-device batch.
   # Each micro-batch's rows as this many independent forward/backward graphs in one step
-  # (their gradients add up to the micro-batch's): XLA:CPU runs each small matmul on one
-  # thread, so a second graph is what keeps a second core busy. 0 = auto: 2 on CPU where
-  # the per-device micro-batch has an even number of rows, 1 elsewhere.
+  # (their gradients add up to the micro-batch's): XLA:CPU runs the two graphs' ops side by
+  # side on its cores, each on half-size activations. 0 = auto: 2 on CPU where the
+  # per-device micro-batch has an even number of rows, 1 elsewhere.
   train.row_groups = 0
   # Optimizer steps. -1 = derive from data.num_epochs and the token count of the data.
   train.num_steps = -1

@@ -120,9 +120,11 @@ def test_transposed_kernels_give_the_same_logits(base_params, base_logits, chang
   transpose_kernels have the transposed model's own shapes and logical axes, and it
   computes the same logits."""
   config = variant(**changes)
-  params = base_params if not changes else host_params(config)
-  if not config.scan_layers and not changes.get("qkv_bias"):
-    params = unstack_layers(base_params)
+  if config.qkv_bias:  # other params than the base model's
+    params = host_params(config)
+    want = logits_of(config, params)
+  else:
+    params, want = (base_params if config.scan_layers else unstack_layers(base_params)), base_logits
   model, transposed = transpose_kernels(Transformer(config), params)
   assert model.config == dataclasses.replace(config, transposed_kernels=True)
   boxed = boxed_abstract_params(model.config)
@@ -133,7 +135,6 @@ def test_transposed_kernels_give_the_same_logits(base_params, base_logits, chang
       else boxed["layers_0"]["attn"]["o_proj"]["kernel"]
   )
   assert o_proj.names[-3:] == ("embed", "heads", "head_dim")
-  want = base_logits if not changes or not changes.get("qkv_bias") else logits_of(config, params)
   np.testing.assert_allclose(logits_of(model.config, transposed), want, rtol=1e-5, atol=1e-5)
   assert transpose_kernels(model, transposed)[1] is transposed  # already in the layout
 
